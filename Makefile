@@ -1,0 +1,26 @@
+# The two commands of the README's quick start: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test lint bench
+
+# Keep an installed torch. Without one, take the CPU build on machines with no GPU:
+# a bare `pip install torch` would download several GB of CUDA packages.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || { \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install torch; \
+		else $(PIP) install torch==2.13.0; fi; }
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	$(PYTHON) benchmarks/bench_logprobs.py
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+bench: install
+	$(PYTHON) benchmarks/bench_logprobs.py

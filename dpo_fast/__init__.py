@@ -1,0 +1,7 @@
+"""dpo_fast: fused kernels for preference-optimization training of language models."""
+
+from .logprobs import sequence_logprobs, token_logprobs
+from .reference import STAT_NAMES
+
+__all__ = ["STAT_NAMES", "sequence_logprobs", "token_logprobs"]
+__version__ = "0.1.0"

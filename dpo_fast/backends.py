@@ -1,0 +1,42 @@
+"""Choosing the implementation behind the public functions.
+
+``backend="auto"`` resolves to Triton for CUDA tensors and to the best CPU path otherwise;
+the environment variable ``DPO_FAST_BACKEND`` overrides ``"auto"`` (an explicit argument
+always wins).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "DPO_FAST_BACKEND"
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on CPU tensors through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a user-facing backend name to a concrete one (``"triton"`` or ``"torch"``).
+
+    Raises:
+        ValueError: unknown name, or ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 "
+            "to run the Triton kernels on CPU tensors through the interpreter"
+        )
+    return backend

@@ -1,0 +1,138 @@
+"""The PyTorch reference for label log-probs: the one place the math is written in torch.
+
+Two users share it:
+
+* the ``"torch"`` backend, which applies :func:`rows_forward` / :func:`rows_backward` to one
+  bounded chunk of rows at a time, so no more than a chunk of softmax is ever alive;
+* the tests, which apply :func:`dense_token_logprobs` to a whole float64 tensor and
+  differentiate it with autograd.
+
+Conventions shared with every backend (Triton, C++):
+
+* The logits the softmax sees are ``z = softcap(x * scale)`` with ``scale = logit_scale /
+  temperature`` and ``softcap(u) = c * tanh(u / c)`` (identity when ``c`` is None).
+* Per-token statistics are taken over ``z``; positions whose label is ignored get zeros.
+* The target-class gradient ``1 - p_y`` is ``-expm1(log p_y)`` in fp32, never ``1 - p_y``
+  in the logits' dtype, which cancels catastrophically as ``p_y -> 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Names of the optional per-token statistics, shared with TRL's fused LM head protocol.
+STAT_NAMES = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def transform_logits(x: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """``softcap(x * scale)``; computed in ``x``'s dtype (callers upcast first)."""
+    z = x * scale if scale != 1.0 else x
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def transform_derivative(x: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor | float:
+    """``dz/dx`` of :func:`transform_logits`, elementwise (a float when it is constant).
+
+    ``1 - tanh(v)^2`` is written as ``4 * sigmoid(2v) * sigmoid(-2v)``, which keeps its
+    relative precision where ``tanh(v) -> +-1``.
+    """
+    if softcap is None:
+        return scale
+    v2 = 2.0 * (x * scale) / softcap
+    return 4.0 * torch.sigmoid(v2) * torch.sigmoid(-v2) * scale
+
+
+def one_minus_exp(logp: torch.Tensor) -> torch.Tensor:
+    """``1 - exp(logp)`` with full relative precision for ``logp -> 0``."""
+    return -torch.expm1(logp)
+
+
+def rows_forward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    scale: float,
+    softcap: float | None,
+    stats: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Label log-probs of a chunk of rows.
+
+    Args:
+        x: ``(R, V)`` logits, any float dtype (upcast to fp32 here).
+        labels: ``(R,)`` int64; ``ignore_index`` marks unscored rows.
+    Returns:
+        ``logp`` ``(R,)`` fp32 (0 for ignored rows), ``lse`` ``(R,)`` fp32 (the log-sum-exp of
+        ``z``, kept for backward) and the requested statistics, each ``(R,)``.
+    """
+    z = transform_logits(x.float(), scale, softcap)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
+    log_softmax = torch.log_softmax(z, dim=-1)
+    logp = torch.where(valid, log_softmax.gather(-1, safe_labels).squeeze(-1), 0.0)
+    lse = torch.where(valid, torch.logsumexp(z, dim=-1), 0.0)
+    out: dict[str, torch.Tensor] = {}
+    if "entropy" in stats:
+        p = log_softmax.exp()
+        # 0 * log(0) = 0 for the -inf logits
+        plogp = torch.where(p > 0, p * log_softmax, 0.0)
+        out["entropy"] = torch.where(valid, -plogp.sum(-1), 0.0)
+    if "mean_logits" in stats:
+        out["mean_logits"] = torch.where(valid, z.mean(-1), 0.0)
+    if "is_top1" in stats:
+        # torch.argmax returns the first maximal index, the tie rule we document
+        out["is_top1"] = valid & (z.argmax(-1) == safe_labels.squeeze(-1))
+    if "log_sum_sq_probs" in stats:
+        out["log_sum_sq_probs"] = torch.where(valid, torch.logsumexp(2.0 * log_softmax, dim=-1), 0.0)
+    return logp, lse, out
+
+
+def rows_backward(
+    grad_logp: torch.Tensor,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    logp: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    ignore_index: int,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Gradient of ``sum(grad_logp * logp)`` w.r.t. a chunk of logits ``x`` ``(R, V)``.
+
+    Returns an fp32 ``(R, V)`` tensor ``g * (onehot - softmax) * dz/dx``; ignored rows are 0.
+    """
+    xf = x.float()
+    z = transform_logits(xf, scale, softcap)
+    valid = labels != ignore_index
+    g = grad_logp.float().unsqueeze(-1)
+    grad = -g * torch.exp(z - lse.unsqueeze(-1))
+    safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
+    grad.scatter_(-1, safe_labels, g * one_minus_exp(logp.unsqueeze(-1)))
+    grad = grad * transform_derivative(xf, scale, softcap)
+    # where, not a multiply by 0: an ignored row's lse is 0, so exp(z - lse) may be inf
+    return torch.where(valid.unsqueeze(-1), grad, 0.0)
+
+
+def dense_token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
+    """Materialized ``log_softmax`` + ``gather``, differentiable, in the logits' dtype.
+
+    The test oracle: call it on float64 logits. Shapes as :func:`dpo_fast.token_logprobs`.
+    """
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    z = transform_logits(logits, logit_scale / temperature, softcap)
+    valid = labels != ignore_index
+    logp = torch.log_softmax(z, dim=-1).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))

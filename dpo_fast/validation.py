@@ -1,0 +1,94 @@
+"""Argument checks shared by every public function.
+
+Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong value) with
+a message naming the argument, what it got and what it expected, so bad input never
+reaches a kernel as a silent wrong answer or a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .reference import STAT_NAMES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _skip_data_checks() -> bool:
+    # Data-dependent checks read a value on the host: not allowed while tracing or capturing.
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_float_tensor(name: str, tensor: object, min_dim: int) -> None:
+    """``tensor`` is a floating tensor of a supported dtype with at least ``min_dim`` dims."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got dtype {tensor.dtype}")
+    if tensor.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(tensor.shape)}")
+
+
+def check_labels(
+    labels: object, expected_shape: tuple[int, ...], vocab_size: int, ignore_index: int, device: torch.device
+) -> None:
+    """``labels`` is an integer tensor of ``expected_shape`` on ``device`` with values in
+    ``[0, vocab_size)`` or equal to ``ignore_index``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"labels must have shape {tuple(expected_shape)} (the logits' leading dims), "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+    if labels.numel() == 0 or _skip_data_checks():
+        return
+    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(out_of_range.any()):
+        bad = labels[out_of_range][0].item()
+        raise ValueError(
+            f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}"
+        )
+
+
+def check_transform(temperature: float, softcap: float | None, logit_scale: float = 1.0) -> None:
+    """``temperature`` > 0, ``softcap`` None or > 0, ``logit_scale`` finite and non-zero."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not (logit_scale == logit_scale and abs(logit_scale) not in (0.0, float("inf"))):
+        raise ValueError(f"logit_scale must be finite and non-zero, got {logit_scale}")
+
+
+def check_stats(stats: Iterable[str]) -> tuple[str, ...]:
+    """Normalize ``stats`` to a tuple of known statistic names."""
+    if isinstance(stats, str):
+        stats = (stats,)
+    stats = tuple(stats)
+    unknown = [s for s in stats if s not in STAT_NAMES]
+    if unknown:
+        raise ValueError(f"stats must be names from {STAT_NAMES}, got unknown {unknown}")
+    return stats
+
+
+def check_segment_ids(segment_ids: object, expected_shape: tuple[int, ...], device: torch.device) -> None:
+    """``segment_ids`` is an integer tensor of the labels' shape (-1 = not scored)."""
+    if not isinstance(segment_ids, torch.Tensor):
+        raise TypeError(f"segment_ids must be a torch.Tensor, got {type(segment_ids).__name__}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+        raise TypeError(f"segment_ids must be an integer tensor, got dtype {segment_ids.dtype}")
+    if tuple(segment_ids.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"segment_ids must have the labels' shape {tuple(expected_shape)}, got {tuple(segment_ids.shape)}"
+        )
+    if segment_ids.device != device:
+        raise ValueError(f"segment_ids are on {segment_ids.device} but the logits are on {device}")

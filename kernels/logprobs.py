@@ -1,0 +1,281 @@
+"""Label log-probs from logits: one streaming pass over the vocabulary per token.
+
+Forward reads each row of logits once with an online log-sum-exp in fp32 and writes O(1)
+values per token (log-prob, log-sum-exp, optional statistics); nothing of size
+``[tokens, V]`` is written. Backward reads the row once more and writes
+``g * (onehot - softmax) * dz/dx`` straight into the gradient buffer, which may be the
+logits' own storage (``inplace_backward``). That is three passes over ``[tokens, V]`` for a
+training step: read, read, write.
+
+Rows are addressed as ``(b, t)`` with the logits' own strides, so a shifted view
+``logits[..., :-1, :]`` or any strided slice is read in place, never copied. All offsets
+are int64: a ``[16k, 128k]`` tensor has more than 2**31 elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One row streams through SRAM in blocks of this many logits (16 KiB of fp32 per block).
+MAX_BLOCK_V = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _transform(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(x * scale); tanh(v) is written 2 * sigmoid(2v) - 1 (no tanh in tl)."""
+    z = x * scale
+    if HAS_SOFTCAP:
+        z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
+    return z
+
+
+@triton.jit
+def _logprobs_forward_kernel(
+    x_ptr,
+    labels_ptr,
+    logp_ptr,
+    lse_ptr,
+    entropy_ptr,
+    mean_ptr,
+    top1_ptr,
+    sumsq_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    ignore_index,
+    scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    WANT_MEAN: tl.constexpr,
+    WANT_TOP1: tl.constexpr,
+    WANT_SUMSQ: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = x_ptr + (row // T) * stride_b + (row % T) * stride_t
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+    # an ignored row reads nothing; a mask of (cols < V) & valid also trips Triton's interpreter
+    n_cols = tl.where(valid, V, 0)
+
+    x_label = tl.load(row_ptr + safe_label * stride_v, mask=valid, other=0.0).to(tl.float32)
+    z_label = _transform(x_label, scale, softcap, HAS_SOFTCAP)
+
+    # Online log-sum-exp: running max m, sum_exp = sum exp(z - m). Statistics rescale with it.
+    m = float("-inf")
+    sum_exp = 0.0
+    sum_exp_z = 0.0
+    sum_exp_sq = 0.0
+    sum_z = 0.0
+    max_before_label = float("-inf")
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row, other=float("-inf")).to(tl.float32)
+        # softcap(-inf) is finite: re-mask after the transform
+        z = tl.where(in_row, _transform(x, scale, softcap, HAS_SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 0))
+        # all -inf so far: shift by 0 instead of -inf, or exp(-inf - -inf) = nan
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
+        sum_exp = sum_exp * alpha + tl.sum(e, 0)
+        if WANT_ENTROPY:
+            sum_exp_z = sum_exp_z * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), 0)
+        if WANT_SUMSQ:
+            sum_exp_sq = sum_exp_sq * alpha * alpha + tl.sum(e * e, 0)
+        if WANT_MEAN:
+            sum_z += tl.sum(tl.where(in_row, z, 0.0), 0)
+        if WANT_TOP1:
+            max_before_label = tl.maximum(max_before_label, tl.max(tl.where(cols < safe_label, z, float("-inf")), 0))
+        m = m_new
+
+    log_sum_exp = tl.log(sum_exp)
+    # (z_y - m) - log(sum_exp) rather than z_y - lse: exact 0 - log(1 + eps) when y is the max,
+    # which keeps the relative precision of 1 - p_y for backward
+    logp = (z_label - m) - log_sum_exp
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, m + log_sum_exp, 0.0))
+    if WANT_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(valid, m + log_sum_exp - sum_exp_z / sum_exp, 0.0))
+    if WANT_MEAN:
+        tl.store(mean_ptr + row, tl.where(valid, sum_z / V, 0.0))
+    if WANT_TOP1:
+        # first index wins ties: the label is top-1 iff it reaches the max and no earlier column does
+        tl.store(top1_ptr + row, (valid & (z_label >= m) & (z_label > max_before_label)).to(tl.int8))
+    if WANT_SUMSQ:
+        tl.store(sumsq_ptr + row, tl.where(valid, tl.log(sum_exp_sq) - 2.0 * log_sum_exp, 0.0))
+
+
+@triton.jit
+def _neg_expm1(x):
+    """1 - exp(x) for x <= 0, with a Taylor series near 0 where 1 - exp(x) cancels."""
+    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
+    return tl.where(x > -0.01, series, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def _logprobs_backward_kernel(
+    grad_logp_ptr,
+    x_ptr,
+    labels_ptr,
+    logp_ptr,
+    lse_ptr,
+    grad_x_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    grad_stride_b,
+    grad_stride_t,
+    grad_stride_v,
+    ignore_index,
+    scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    row_ptr = x_ptr + b * stride_b + t * stride_t
+    grad_row_ptr = grad_x_ptr + b * grad_stride_b + t * grad_stride_t
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    g = tl.where(valid, tl.load(grad_logp_ptr + row), 0.0)
+    lse = tl.load(lse_ptr + row)
+    # the target-class term in fp32 from the forward's precise log-prob
+    g_label = g * _neg_expm1(tl.load(logp_ptr + row))
+    n_cols = tl.where(valid, V, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < n_cols, other=0.0).to(tl.float32)
+        u = x * scale
+        if HAS_SOFTCAP:
+            s = tl.sigmoid(2.0 * u / softcap)
+            z = softcap * (2.0 * s - 1.0)
+            # d softcap / du = 1 - tanh^2 = 4 s (1 - s), with 1 - s as sigmoid(-2u/c) (no cancellation)
+            dz_dx = 4.0 * s * tl.sigmoid(-2.0 * u / softcap) * scale
+        else:
+            z = u
+            dz_dx = scale
+        dz = tl.where(cols == label, g_label, -g * tl.exp(z - lse))
+        grad = tl.where(valid, dz * dz_dx, 0.0)
+        tl.store(grad_row_ptr + cols.to(tl.int64) * grad_stride_v, grad.to(grad_x_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block_v(vocab_size: int) -> int:
+    return min(triton.next_power_of_2(vocab_size), MAX_BLOCK_V)
+
+
+def logprobs_forward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    scale: float,
+    softcap: float | None,
+    stats: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Launch the forward kernel.
+
+    Args:
+        x: ``(B, T, V)`` logits (fp16/bf16/fp32), any strides.
+        labels: ``(B, T)`` contiguous int64.
+    Returns:
+        ``logp`` and ``lse`` ``(B, T)`` fp32, and the requested statistics ``(B, T)``
+        (``is_top1`` bool, others fp32).
+    """
+    B, T, V = x.shape
+    n_rows = B * T
+    logp = torch.empty((B, T), device=x.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    outputs = {
+        "entropy": torch.empty_like(logp) if "entropy" in stats else None,
+        "mean_logits": torch.empty_like(logp) if "mean_logits" in stats else None,
+        "is_top1": torch.empty((B, T), device=x.device, dtype=torch.int8) if "is_top1" in stats else None,
+        "log_sum_sq_probs": torch.empty_like(logp) if "log_sum_sq_probs" in stats else None,
+    }
+    if n_rows > 0:
+        _logprobs_forward_kernel[(n_rows,)](
+            x,
+            labels,
+            logp,
+            lse,
+            outputs["entropy"] if outputs["entropy"] is not None else logp,
+            outputs["mean_logits"] if outputs["mean_logits"] is not None else logp,
+            outputs["is_top1"] if outputs["is_top1"] is not None else logp,
+            outputs["log_sum_sq_probs"] if outputs["log_sum_sq_probs"] is not None else logp,
+            T,
+            V,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            ignore_index,
+            scale,
+            softcap if softcap is not None else 1.0,
+            HAS_SOFTCAP=softcap is not None,
+            WANT_ENTROPY="entropy" in stats,
+            WANT_MEAN="mean_logits" in stats,
+            WANT_TOP1="is_top1" in stats,
+            WANT_SUMSQ="log_sum_sq_probs" in stats,
+            BLOCK_V=_block_v(V),
+            num_warps=NUM_WARPS,
+        )
+    stat_values = {name: value for name, value in outputs.items() if value is not None}
+    if "is_top1" in stat_values:
+        stat_values["is_top1"] = stat_values["is_top1"].bool()
+    return logp, lse, stat_values
+
+
+def logprobs_backward(
+    grad_logp: torch.Tensor,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    logp: torch.Tensor,
+    lse: torch.Tensor,
+    grad_x: torch.Tensor,
+    *,
+    ignore_index: int,
+    scale: float,
+    softcap: float | None,
+) -> None:
+    """Launch the backward kernel, writing every element of ``grad_x`` ``(B, T, V)``.
+
+    ``grad_x`` may alias ``x`` (in-place backward): each element is read before it is
+    written by the same program.
+    """
+    B, T, V = x.shape
+    if B * T == 0:
+        return
+    _logprobs_backward_kernel[(B * T,)](
+        grad_logp,
+        x,
+        labels,
+        logp,
+        lse,
+        grad_x,
+        T,
+        V,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        grad_x.stride(0),
+        grad_x.stride(1),
+        grad_x.stride(2),
+        ignore_index,
+        scale,
+        softcap if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK_V=_block_v(V),
+        num_warps=NUM_WARPS,
+    )
