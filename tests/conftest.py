@@ -1,0 +1,33 @@
+"""Test configuration: Triton runs under its interpreter on machines without CUDA.
+
+TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here, at
+collection time, before the tests import ``dpo_fast.kernels``.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+# Devices a suite runs on: CPU always (Triton through the interpreter), CUDA when present.
+DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Each test draws fresh random inputs; the seed is printed so a failure can be replayed
+    (pytest shows a failing test's captured output)."""
+    seed = int.from_bytes(os.urandom(4), "little") >> 1
+    print(f"torch seed: {seed}")
+    torch.manual_seed(seed)
