@@ -5,13 +5,15 @@ installed as the subpackage ``dpo_fast.kernels``: a top-level module called ``ke
 would shadow PyPI's ``kernels`` package, which transformers probes for.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="dpo-fast",
     version="0.1.0",
     description="Fused kernels for preference-optimization (DPO family) training of language models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

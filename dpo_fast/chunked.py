@@ -51,7 +51,9 @@ def logprobs_forward(
     logp = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     out = {
-        name: torch.empty(x.shape[:2], device=x.device, dtype=torch.bool if name == "is_top1" else torch.float32)
+        name: torch.empty(
+            x.shape[:2], device=x.device, dtype=torch.bool if name == "is_top1" else torch.float32
+        )
         for name in stats
     }
     for b, rows in _chunks(x):

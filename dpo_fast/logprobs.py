@@ -83,7 +83,9 @@ def _prepare(
     check_float_tensor("logits", logits, min_dim=2)
     vocab_size = logits.shape[-1]
     if vocab_size == 0:
-        raise ValueError(f"logits must have a non-empty vocabulary (last) dim, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have a non-empty vocabulary (last) dim, got shape {tuple(logits.shape)}"
+        )
     check_labels(labels, tuple(logits.shape[:-1]), vocab_size, ignore_index, logits.device)
     check_transform(temperature, softcap)
     batch = math.prod(logits.shape[:-2])

@@ -70,22 +70,30 @@ def rows_forward(
     z = transform_logits(x.float(), scale, softcap)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
-    log_softmax = torch.log_softmax(z, dim=-1)
-    logp = torch.where(valid, log_softmax.gather(-1, safe_labels).squeeze(-1), 0.0)
-    lse = torch.where(valid, torch.logsumexp(z, dim=-1), 0.0)
+    z_max = z.amax(-1, keepdim=True)
+    # all -inf: shift by 0 rather than -inf (exp(-inf - -inf) is nan)
+    z_max = torch.where(torch.isfinite(z_max), z_max, 0.0)
+    exp_z = torch.exp(z - z_max)
+    sum_exp = exp_z.sum(-1)
+    log_sum_exp = sum_exp.log()
+    # (z_y - max) - log(sum_exp): when y is the arg-max the first term is exactly 0 and log_p keeps
+    # the relative precision that 1 - p_y needs in backward. torch.log_softmax sums exp_z in an
+    # order that adds ~V tiny terms one at a time to 1.0, losing that precision.
+    logp = (z.gather(-1, safe_labels) - z_max).squeeze(-1) - log_sum_exp
+    logp = torch.where(valid, logp, 0.0)
+    lse = torch.where(valid, z_max.squeeze(-1) + log_sum_exp, 0.0)
     out: dict[str, torch.Tensor] = {}
     if "entropy" in stats:
-        p = log_softmax.exp()
-        # 0 * log(0) = 0 for the -inf logits
-        plogp = torch.where(p > 0, p * log_softmax, 0.0)
-        out["entropy"] = torch.where(valid, -plogp.sum(-1), 0.0)
+        # sum p * z over p > 0 (a -inf logit has p = 0 and contributes 0, not nan)
+        expected_z = torch.where(exp_z > 0, exp_z * z, 0.0).sum(-1) / sum_exp
+        out["entropy"] = torch.where(valid, lse - expected_z, 0.0)
     if "mean_logits" in stats:
         out["mean_logits"] = torch.where(valid, z.mean(-1), 0.0)
     if "is_top1" in stats:
         # torch.argmax returns the first maximal index, the tie rule we document
         out["is_top1"] = valid & (z.argmax(-1) == safe_labels.squeeze(-1))
     if "log_sum_sq_probs" in stats:
-        out["log_sum_sq_probs"] = torch.where(valid, torch.logsumexp(2.0 * log_softmax, dim=-1), 0.0)
+        out["log_sum_sq_probs"] = torch.where(valid, (exp_z * exp_z).sum(-1).log() - 2.0 * log_sum_exp, 0.0)
     return logp, lse, out
 
 

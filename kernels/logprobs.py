@@ -94,7 +94,9 @@ def _logprobs_forward_kernel(
         if WANT_MEAN:
             sum_z += tl.sum(tl.where(in_row, z, 0.0), 0)
         if WANT_TOP1:
-            max_before_label = tl.maximum(max_before_label, tl.max(tl.where(cols < safe_label, z, float("-inf")), 0))
+            max_before_label = tl.maximum(
+                max_before_label, tl.max(tl.where(cols < safe_label, z, float("-inf")), 0)
+            )
         m = m_new
 
     log_sum_exp = tl.log(sum_exp)
@@ -170,7 +172,11 @@ def _logprobs_backward_kernel(
             dz_dx = scale
         dz = tl.where(cols == label, g_label, -g * tl.exp(z - lse))
         grad = tl.where(valid, dz * dz_dx, 0.0)
-        tl.store(grad_row_ptr + cols.to(tl.int64) * grad_stride_v, grad.to(grad_x_ptr.dtype.element_ty), mask=in_row)
+        tl.store(
+            grad_row_ptr + cols.to(tl.int64) * grad_stride_v,
+            grad.to(grad_x_ptr.dtype.element_ty),
+            mask=in_row,
+        )
 
 
 def _block_v(vocab_size: int) -> int:
