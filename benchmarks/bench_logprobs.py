@@ -51,7 +51,12 @@ def methods(compile_eager: bool) -> dict[str, Callable[[torch.Tensor, torch.Tens
 def measure(name, fn, logits, labels, device, repeats) -> dict:
     tokens, vocab = logits.shape
     elem = logits.element_size()
-    row = {"method": name, "tokens": tokens, "vocab": vocab, "dtype": str(logits.dtype).removeprefix("torch.")}
+    row = {
+        "method": name,
+        "tokens": tokens,
+        "vocab": vocab,
+        "dtype": str(logits.dtype).removeprefix("torch."),
+    }
     with torch.no_grad():
         forward_times = time_call(lambda: fn(logits, labels), device, repeats=repeats)
     x = logits.clone().requires_grad_()

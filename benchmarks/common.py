@@ -44,7 +44,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5) -> list[float]:
+def time_call(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5
+) -> list[float]:
     """Wall-clock seconds of ``fn()`` for each of ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
@@ -91,7 +93,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_results(name: str, device: torch.device, config: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+def write_results(
+    name: str, device: torch.device, config: dict[str, Any], rows: list[dict[str, Any]]
+) -> Path:
     """Write ``benchmarks/results/<name>-<device kind>.json`` and return its path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     kind = "cuda" if device.type == "cuda" else "cpu"
