@@ -122,6 +122,7 @@ def token_logprobs(
             arg-max, the first index winning ties.
         inplace_backward: backward writes the logits' gradient into the logits' own storage,
             so a step holds one ``[tokens, V]`` buffer instead of two. Destroys the logits.
+            Needs contiguous logits; otherwise backward uses a separate buffer as usual.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``dpo_fast.backends``).
 
     Returns:

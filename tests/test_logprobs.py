@@ -413,3 +413,25 @@ def test_more_than_2_pow_31_elements_on_gpu():
     probs = logits[tail].detach().double().softmax(-1)
     expected_grad = torch.nn.functional.one_hot(labels[tail], vocab_size).double() - probs
     torch.testing.assert_close(grad_tail, expected_grad, atol=1e-2 * expected_grad.abs().max().item(), rtol=0)
+
+
+def test_torch_backend_holds_one_chunk_of_softmax(monkeypatch):
+    """The chunked backend never hands the reference math more than CHUNK_ELEMENTS logits."""
+    import dpo_fast.chunked as chunked
+
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 1000)
+    seen_rows = []
+    for name in ("rows_forward", "rows_backward"):
+        real = getattr(chunked, name)
+
+        def spy(*args, _real=real, **kwargs):
+            x = args[0] if _real.__name__ == "rows_forward" else args[1]
+            seen_rows.append(x.shape[0])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(chunked, name, spy)
+    logits = torch.randn(3, 10, 1000, requires_grad=True)
+    labels = make_labels((3, 10), 1000)
+    dpo_fast.token_logprobs(logits, labels, shift=True, backend="torch").sum().backward()
+    assert max(seen_rows) == 4
+    assert sum(seen_rows) == 2 * 3 * 9  # every row once forward, once backward
