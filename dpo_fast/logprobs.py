@@ -195,13 +195,45 @@ def sequence_logprobs(
         backend=backend,
     )
     per_token, stat_dict = result if stats else (result, {})
+    logps, num_tokens = sequence_sums(
+        per_token,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        segment_ids=segment_ids,
+        num_segments=num_segments,
+        average=average,
+    )
+    return (logps, num_tokens, stat_dict) if stats else (logps, num_tokens)
+
+
+def sequence_sums(
+    per_token: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    segment_ids: torch.Tensor | None,
+    num_segments: int | None,
+    average: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (or per-segment) sums of per-token log-probs and token counts.
+
+    Shared by :func:`sequence_logprobs` and ``dpo_fast.linear_sequence_logprobs``.
+
+    Args:
+        per_token: float32 ``(..., T')``, ``T' = T - 1`` with ``shift``, 0 where not scored.
+        labels: the validated, unshifted ``(..., T)`` labels.
+        ignore_index, shift, segment_ids, num_segments, average: as :func:`sequence_logprobs`.
+    """
+    expected_shape = tuple(labels.shape)
     if shift:
         labels = labels[..., 1:]
     scored = labels != ignore_index
     if segment_ids is None:
         logps, num_tokens = per_token.sum(-1), scored.sum(-1)
     else:
-        check_segment_ids(segment_ids, tuple(logits.shape[:-1]), logits.device)
+        check_segment_ids(segment_ids, expected_shape, labels.device)
         if shift:
             segment_ids = segment_ids[..., 1:]
         segment_ids = torch.where(scored, segment_ids, -1)
@@ -211,4 +243,4 @@ def sequence_logprobs(
         num_tokens = segment_sum(scored, segment_ids, num_segments)
     if average:
         logps = logps / num_tokens.clamp(min=1)
-    return (logps, num_tokens, stat_dict) if stats else (logps, num_tokens)
+    return logps, num_tokens
