@@ -1,7 +1,14 @@
 """dpo_fast: fused kernels for preference-optimization training of language models."""
 
+from .linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import sequence_logprobs, token_logprobs
 from .reference import STAT_NAMES
 
-__all__ = ["STAT_NAMES", "sequence_logprobs", "token_logprobs"]
+__all__ = [
+    "STAT_NAMES",
+    "linear_sequence_logprobs",
+    "linear_token_logprobs",
+    "sequence_logprobs",
+    "token_logprobs",
+]
 __version__ = "0.1.0"

@@ -34,21 +34,27 @@ def check_float_tensor(name: str, tensor: object, min_dim: int) -> None:
 
 
 def check_labels(
-    labels: object, expected_shape: tuple[int, ...], vocab_size: int, ignore_index: int, device: torch.device
+    labels: object,
+    expected_shape: tuple[int, ...],
+    vocab_size: int,
+    ignore_index: int,
+    device: torch.device,
+    source: str = "logits",
 ) -> None:
     """``labels`` is an integer tensor of ``expected_shape`` on ``device`` with values in
-    ``[0, vocab_size)`` or equal to ``ignore_index``."""
+    ``[0, vocab_size)`` or equal to ``ignore_index``; ``source`` names the tensor whose
+    leading dims the labels follow, for the messages."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(
-            f"labels must have shape {tuple(expected_shape)} (the logits' leading dims), "
+            f"labels must have shape {tuple(expected_shape)} (the leading dims of {source}), "
             f"got {tuple(labels.shape)}"
         )
     if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+        raise ValueError(f"labels are on {labels.device} but {source} is on {device}")
     if labels.numel() == 0 or _skip_data_checks():
         return
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
@@ -92,3 +98,31 @@ def check_segment_ids(segment_ids: object, expected_shape: tuple[int, ...], devi
         )
     if segment_ids.device != device:
         raise ValueError(f"segment_ids are on {segment_ids.device} but the logits are on {device}")
+
+
+def check_linear_head(hidden: object, weight: object, bias: object) -> None:
+    """``hidden`` ``(..., T, H)``, ``weight`` ``(V, H)`` and ``bias`` ``(V,)`` or None: float
+    tensors of matching sizes on one device (dtypes are checked by the caller, which knows
+    whether autocast is on)."""
+    check_float_tensor("hidden", hidden, min_dim=2)
+    check_float_tensor("weight", weight, min_dim=2)
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must be (vocab_size, hidden_size) with vocab_size > 0, got {tuple(weight.shape)}"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dim must equal weight's second dim (hidden_size): got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is None:
+        return
+    check_float_tensor("bias", bias, min_dim=1)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bias must have shape ({weight.shape[0]},) (weight's vocab dim), got {tuple(bias.shape)}"
+        )
+    if bias.device != hidden.device:
+        raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")

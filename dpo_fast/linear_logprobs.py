@@ -1,0 +1,319 @@
+"""Fused linear log-probs: label log-probs from hidden states and the lm_head weight.
+
+No tensor of ``tokens x V`` elements exists, in forward or backward. Data flow:
+
+1. validate; only scored positions (``label != ignore_index``, after the shift) are kept:
+   their hidden rows are gathered into ``rows`` ``(n, H)``, so prompt and padding tokens
+   never reach the lm_head. The causal shift is index arithmetic on the labels
+   (``hidden[..., :-1, :]`` is a view).
+2. ``_LinearLogprobs.forward`` walks ``rows`` in chunks of ``chunk_rows`` tokens: one matmul
+   writes a ``(chunk, V)`` logits tile in the compute dtype, and the core backend's
+   ``logprobs_forward`` (Triton kernel, chunked PyTorch, or the C++ CPU kernel, whichever
+   ``dpo_fast.logprobs._implementation`` picks) folds it into per-token ``logp`` and ``lse``.
+   Only those O(tokens) values are saved.
+3. ``backward`` recomputes each tile (same matmul, same bits), turns it into the logits
+   gradient in place with the backend's ``logprobs_backward(grad_x=tile)`` and multiplies it
+   out: ``grad_rows = tile @ W`` per chunk, ``grad_W += tile.T @ rows`` and
+   ``grad_b += tile.sum(0)`` accumulated in fp32 across chunks, in chunk order (no atomics,
+   so two runs give the same bits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from .backends import resolve_backend
+from .logprobs import _implementation, sequence_sums
+from .validation import check_labels, check_linear_head, check_stats, check_transform
+
+# Upper bound on one (chunk, V) logits tile, in bytes. On a GPU the matmul needs many rows
+# to run near peak (1024 rows of a 128k bf16 vocabulary); on a CPU a tile that stays near
+# the caches is as fast and keeps the working set small.
+TILE_BYTES = {"cuda": 256 << 20}
+DEFAULT_TILE_BYTES = 16 << 20
+
+
+def chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per logits tile: as many as fit in the device's ``TILE_BYTES`` budget (>= 1)."""
+    budget = TILE_BYTES.get(device.type, DEFAULT_TILE_BYTES)
+    rows = budget // (vocab_size * dtype.itemsize)
+    # multiples of 64 keep the matmul on full tensor-core tiles
+    return max(1, rows // 64 * 64 if rows >= 64 else rows)
+
+
+def _mm_out_dtype_supported(device: torch.device) -> bool:
+    # torch.addmm(..., out_dtype=float32) from bf16/fp16 inputs exists on CUDA since torch 2.8
+    return device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` without first rounding ``a @ b`` to bf16/fp16.
+
+    The lm_head gradient sums one product per chunk; rounding each to the inputs' dtype
+    before the sum makes it drift.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _mm_out_dtype_supported(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _project(tile: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``tile = rows @ weight.T + bias``, in the compute dtype (the same bits every call)."""
+    if bias is None:
+        torch.mm(rows, weight.t(), out=tile)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=tile)
+
+
+def _chunks(n: int, step: int):
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def _forward_chunks(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    impl: ModuleType,
+    options: dict,
+    stats: tuple[str, ...],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token ``logp``, ``lse`` (fp32 ``(n,)``) and statistics for compute-dtype operands."""
+    n, V = rows.shape[0], weight.shape[0]
+    logp = torch.empty(n, device=rows.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    out = {
+        name: torch.empty(n, device=rows.device, dtype=torch.bool if name == "is_top1" else torch.float32)
+        for name in stats
+    }
+    step = chunk_rows(V, weight.dtype, rows.device)
+    buffer = torch.empty((min(n, step), V), device=rows.device, dtype=weight.dtype)
+    for start, end in _chunks(n, step):
+        tile = buffer[: end - start]
+        _project(tile, rows[start:end], weight, bias)
+        chunk_logp, chunk_lse, chunk_stats = impl.logprobs_forward(
+            tile.unsqueeze(0), labels[start:end].unsqueeze(0), stats=stats, **options
+        )
+        logp[start:end] = chunk_logp[0]
+        lse[start:end] = chunk_lse[0]
+        for name, value in chunk_stats.items():
+            out[name][start:end] = value[0]
+    return logp, lse, out
+
+
+def _run_forward(rows, weight, bias, labels, compute_dtype, impl, options, stats):
+    """Cast the operands to the compute dtype and run the chunked forward."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return _forward_chunks(
+            rows.to(compute_dtype),
+            weight.to(compute_dtype),
+            bias.to(compute_dtype) if bias is not None else None,
+            labels,
+            impl,
+            options,
+            stats,
+        )
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Log-probs of ``labels`` under ``rows @ weight.T + bias``; differentiable w.r.t. all three.
+
+    ``rows`` ``(n, H)``, ``weight`` ``(V, H)``, ``bias`` ``(V,)`` arrive in their own dtypes
+    and are cast to ``compute_dtype`` inside (once per pass for the weight), so an fp32
+    master weight under autocast gets its gradient from the fp32 accumulator, not through a
+    bf16 copy.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, labels, compute_dtype, impl, options, stats):
+        logp, lse, stat_values = _run_forward(rows, weight, bias, labels, compute_dtype, impl, options, stats)
+        ctx.save_for_backward(rows, weight, bias, labels, logp, lse)
+        ctx.compute_dtype, ctx.impl, ctx.options = compute_dtype, impl, options
+        ctx.mark_non_differentiable(*stat_values.values())
+        return (logp, *stat_values.values())
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        rows, weight, bias, labels, logp, lse = ctx.saved_tensors
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dtype, impl, options = ctx.compute_dtype, ctx.impl, ctx.options
+        n, V = rows.shape[0], weight.shape[0]
+        with torch.autocast(rows.device.type, enabled=False):
+            weight_c = weight.to(dtype)
+            bias_c = bias.to(dtype) if bias is not None else None
+            grad_rows = torch.empty(rows.shape, device=rows.device, dtype=dtype) if need_rows else None
+            grad_weight = (
+                torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+            )
+            grad_bias = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_bias else None
+            grad_logp = grad_logp.float().contiguous()
+            step = chunk_rows(V, dtype, rows.device)
+            buffer = torch.empty((min(n, step), V), device=rows.device, dtype=dtype)
+            for start, end in _chunks(n, step):
+                rows_c = rows[start:end].to(dtype)
+                tile = buffer[: end - start]
+                _project(tile, rows_c, weight_c, bias_c)
+                x = tile.unsqueeze(0)
+                impl.logprobs_backward(
+                    grad_logp[start:end].unsqueeze(0),
+                    x,
+                    labels[start:end].unsqueeze(0),
+                    logp[start:end].unsqueeze(0),
+                    lse[start:end].unsqueeze(0),
+                    x,
+                    **options,
+                )
+                # one matmul covers a chunk's whole vocabulary: nothing to accumulate across chunks
+                if grad_rows is not None:
+                    torch.mm(tile, weight_c, out=grad_rows[start:end])
+                if grad_weight is not None:
+                    _accumulate_fp32(grad_weight, tile.t(), rows_c)
+                if grad_bias is not None:
+                    grad_bias += tile.sum(0, dtype=torch.float32)
+        return (
+            grad_rows.to(rows.dtype) if grad_rows is not None else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            *([None] * 5),
+        )
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+    """The autocast dtype when autocast is on; otherwise all operands must share one dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} must have hidden's dtype {hidden.dtype} (outside autocast), got {tensor.dtype}"
+            )
+    return hidden.dtype
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    stats: Sequence[str] = (),
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Label log-probs of ``softcap(logit_scale * (hidden @ weight.T + bias) / temperature)``,
+    never materializing those ``(..., T, V)`` logits.
+
+    Args:
+        hidden: ``(..., T, H)`` float16/bfloat16/float32, any strides (e.g. ``h[:, :-1]``).
+        weight: ``(V, H)`` the lm_head weight (may be tied to the input embeddings).
+        labels: ``(..., T)`` integer; ``ignore_index`` marks positions that are not scored.
+            Unscored positions cost nothing: their hidden rows never reach the matmul.
+        bias: optional ``(V,)``.
+        shift: if True, ``hidden[..., t, :]`` scores ``labels[..., t + 1]`` (Hugging Face
+            causal LM convention) and the result has ``T - 1`` positions.
+        temperature, softcap, stats, backend: as :func:`dpo_fast.token_logprobs`.
+        logit_scale: multiplies the logits before the temperature (e.g. Cohere's).
+
+    ``hidden``, ``weight`` and ``bias`` must share a dtype unless autocast is on, in which
+    case the matmuls run in the autocast dtype. Gradients flow to all three; the weight and
+    bias gradients accumulate in fp32 and are returned in their own dtypes.
+
+    Returns:
+        float32 ``(..., T)`` (``(..., T - 1)`` with ``shift``), 0.0 at ignored positions; with
+        ``stats``, a tuple ``(logps, {name: (..., T) tensor})``.
+    """
+    check_linear_head(hidden, weight, bias)
+    vocab_size = weight.shape[0]
+    check_labels(labels, tuple(hidden.shape[:-1]), vocab_size, ignore_index, hidden.device, source="hidden")
+    check_transform(temperature, softcap, logit_scale)
+    stats = check_stats(stats)
+    compute_dtype = _compute_dtype(hidden, weight, bias)
+    impl = _implementation(resolve_backend(backend, hidden.device))
+
+    if shift:
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+    scored = labels != ignore_index
+    rows = hidden[scored]  # (n, H): a gather of the scored rows only
+    options = {"ignore_index": ignore_index, "scale": logit_scale / temperature, "softcap": softcap}
+    args = (rows, weight, bias, labels[scored].to(torch.int64), compute_dtype, impl, options, stats)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias)):
+        logp, *stat_values = _LinearLogprobs.apply(*args)
+        stat_dict = dict(zip(stats, stat_values, strict=True))
+    else:
+        logp, _, stat_dict = _run_forward(*args)
+    per_token = _unpack(logp, scored)
+    if not stats:
+        return per_token
+    return per_token, {name: _unpack(value, scored) for name, value in stat_dict.items()}
+
+
+def _unpack(values: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` values of the scored positions laid out as ``scored.shape``, zeros elsewhere;
+    ``masked_scatter`` routes the gradient back to ``values``."""
+    return torch.zeros(scored.shape, device=values.device, dtype=values.dtype).masked_scatter(scored, values)
+
+
+def linear_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    segment_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    average: bool = False,
+    stats: Sequence[str] = (),
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed label log-probs per sequence (or per segment) from hidden states and the lm_head.
+
+    Args:
+        hidden, weight, labels, bias, ignore_index, shift, temperature, softcap, logit_scale,
+        stats, backend: as :func:`linear_token_logprobs`.
+        segment_ids, num_segments, average: as :func:`dpo_fast.sequence_logprobs`.
+
+    Returns:
+        ``(logps, num_tokens)``: float32 and int64, ``(...,)``, or ``(..., num_segments)`` with
+        ``segment_ids``; with ``stats``, a third element: the per-token statistics.
+    """
+    result = linear_token_logprobs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        shift=shift,
+        temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        stats=stats,
+        backend=backend,
+    )
+    per_token, stat_dict = result if stats else (result, {})
+    logps, num_tokens = sequence_sums(
+        per_token,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        segment_ids=segment_ids,
+        num_segments=num_segments,
+        average=average,
+    )
+    return (logps, num_tokens, stat_dict) if stats else (logps, num_tokens)
