@@ -1,11 +1,14 @@
 """dpo_fast: fused kernels for preference-optimization training of language models."""
 
+from .hf import ConcatenatedOutput, concatenated_forward
 from .linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import sequence_logprobs, token_logprobs
 from .reference import STAT_NAMES
 
 __all__ = [
     "STAT_NAMES",
+    "ConcatenatedOutput",
+    "concatenated_forward",
     "linear_sequence_logprobs",
     "linear_token_logprobs",
     "sequence_logprobs",
