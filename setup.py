@@ -17,8 +17,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["dpo_fast", "dpo_fast.kernels"],
-    package_dir={"dpo_fast": "dpo_fast", "dpo_fast.kernels": "kernels"},
+    packages=["dpo_fast", "dpo_fast.kernels", "dpo_fast.csrc"],
+    package_dir={"dpo_fast": "dpo_fast", "dpo_fast.kernels": "kernels", "dpo_fast.csrc": "csrc"},
+    # the C++ sources ship with the package: dpo_fast.cpp compiles them on first CPU use
+    package_data={"dpo_fast.csrc": ["*.cpp"]},
     # torch is deliberately unpinned: the install step keeps whatever torch is already there
     # (a CPU build on machines without a GPU, see the Makefile), so pip never swaps it out.
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.46"],

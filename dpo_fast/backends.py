@@ -1,6 +1,7 @@
 """Choosing the implementation behind the public functions.
 
-``backend="auto"`` resolves to Triton for CUDA tensors and to the best CPU path otherwise;
+``backend="auto"`` resolves to Triton for CUDA tensors and, for CPU tensors, to the C++
+kernels (``"cpp"``, compiled on first use) or the PyTorch backend where they cannot be built;
 the environment variable ``DPO_FAST_BACKEND`` overrides ``"auto"`` (an explicit argument
 always wins).
 """
@@ -11,7 +12,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from . import cpp
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
 ENV_VAR = "DPO_FAST_BACKEND"
 
 
@@ -21,10 +24,14 @@ def triton_interpreted() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a user-facing backend name to a concrete one (``"triton"`` or ``"torch"``).
+    """Map a user-facing backend name to a concrete one (``"triton"``, ``"cpp"`` or ``"torch"``).
+
+    ``"cpp"`` (and ``"auto"`` on CPU) compiles the C++ kernels on first use; where that fails
+    it warns once and resolves to ``"torch"``.
 
     Raises:
-        ValueError: unknown name, or ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
+        ValueError: unknown name, ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``,
+            or ``"cpp"`` on non-CPU tensors.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -33,7 +40,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        return "cpp" if device.type == "cpu" and cpp.available() else "torch"
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors, got device {device}")
+        return "cpp" if cpp.available() else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 "

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from . import chunked
+from . import chunked, cpp
 from .backends import resolve_backend
 from .segments import count_segments, segment_sum
 from .validation import check_float_tensor, check_labels, check_segment_ids, check_stats, check_transform
@@ -27,6 +27,8 @@ def _implementation(backend: str) -> ModuleType:
         from .kernels import logprobs as triton_logprobs
 
         return triton_logprobs
+    if backend == "cpp":
+        return cpp
     return chunked
 
 

@@ -11,7 +11,7 @@ import torch
 import dpo_fast
 from dpo_fast.reference import dense_token_logprobs
 
-BACKENDS = ["torch", "triton", "auto"]
+BACKENDS = ["torch", "triton", "cpp", "auto"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Tolerances on fp32 results computed from inputs in each dtype (the oracle sees the same
 # rounded inputs, so they measure our arithmetic, not the input rounding).

@@ -1,0 +1,548 @@
+// Label log-probs from logits on CPU: the C++ twin of kernels/logprobs.py.
+//
+// Forward reads each row of logits once, chunk by chunk: a chunk is transformed into an
+// L1-resident fp32 buffer (z = softcap(x * scale)), its maximum updates the running maximum
+// of an online log-sum-exp, then exp(z - max) is summed from the buffer. O(1) values per
+// token are written. Backward reads the row once more and writes g * (onehot - softmax) *
+// dz/dx straight into the gradient, which may be the logits' own storage.
+//
+// Rows run in parallel (at::parallel_for); each row is reduced by one thread in a fixed
+// order (vector lanes, then lanes left to right), so results do not depend on the number of
+// threads. The math is dpo_fast/reference.py's; its comments explain the formulas.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+namespace dpo_fast {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+// Logits per chunk: two fp32 buffers of this size stay in L1 (16 KiB).
+constexpr int64_t kChunk = 2048;
+// Rows handed to a thread at least, so that small problems are not split.
+constexpr int64_t kGrainElements = 1 << 15;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+static_assert(kChunk % 64 == 0, "a chunk holds whole vectors of any width");
+
+struct Transform {
+  float scale;
+  bool has_softcap;
+  float softcap;
+
+  // z = softcap(x * scale). tanh(|v|) = -t / (2 + t) with t = expm1(-2|v|): one exp-like
+  // call, no cancellation for small |v|, and it saturates cleanly at +-inf.
+  Vec z(const Vec& x) const {
+    Vec u = x * Vec(scale);
+    if (!has_softcap) {
+      return u;
+    }
+    Vec v = u / Vec(softcap);
+    Vec t = (v.abs() * Vec(-2.0f)).expm1();
+    Vec tanh_abs = t.neg() / (t + Vec(2.0f));
+    return (tanh_abs * Vec(softcap)) ^ (v & Vec(-0.0f));
+  }
+
+  // dz/dx = scale * (1 - tanh(v)^2) = scale * 4 e / (1 + e)^2 with e = exp(-2|v|) = 1 + t.
+  void z_and_derivative(const Vec& x, Vec& z, Vec& dz_dx) const {
+    Vec u = x * Vec(scale);
+    if (!has_softcap) {
+      z = u;
+      dz_dx = Vec(scale);
+      return;
+    }
+    Vec v = u / Vec(softcap);
+    Vec t = (v.abs() * Vec(-2.0f)).expm1();
+    Vec two_plus_t = t + Vec(2.0f);
+    z = ((t.neg() / two_plus_t) * Vec(softcap)) ^ (v & Vec(-0.0f));
+    dz_dx = Vec(4.0f * scale) * (t + Vec(1.0f)) / (two_plus_t * two_plus_t);
+  }
+
+  // The derivative at one logit, computed by the vector code so it matches it exactly.
+  float derivative_at(float x) const {
+    Vec z, dz_dx;
+    z_and_derivative(Vec(x), z, dz_dx);
+    float lanes[kLanes];
+    dz_dx.store(lanes);
+    return lanes[0];
+  }
+};
+
+float sum_lanes(const Vec& v) {
+  float lanes[kLanes];
+  v.store(lanes);
+  float total = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) {
+    total += lanes[i];
+  }
+  return total;
+}
+
+// Maximum that propagates NaN, so a NaN logit gives a NaN log-prob rather than being skipped.
+float max_nan(float a, float b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+float max_lanes(const Vec& v) {
+  float lanes[kLanes];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t i = 1; i < kLanes; ++i) {
+    m = max_nan(lanes[i], m);
+  }
+  return m;
+}
+
+// n logits at stride `stride` as fp32: the logits themselves when they already are
+// contiguous fp32, else converted into `buffer`.
+template <typename scalar_t>
+const float* load_chunk(const scalar_t* x, int64_t stride, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stride == 1) {
+      return x;
+    }
+  }
+  int64_t i = 0;
+  if (stride == 1) {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      for (; i + kLanes <= n; i += kLanes) {
+        Vec v;
+        at::vec::load_to_float(x + i, v);
+        v.store(buffer + i);
+      }
+    }
+    for (; i < n; ++i) {
+      buffer[i] = static_cast<float>(x[i]);
+    }
+  } else {
+    for (; i < n; ++i) {
+      buffer[i] = static_cast<float>(x[i * stride]);
+    }
+  }
+  return buffer;
+}
+
+template <typename scalar_t>
+void store_chunk(const float* buffer, scalar_t* out, int64_t stride, int64_t n) {
+  if (stride == 1) {
+    at::vec::convert(buffer, out, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i * stride] = static_cast<scalar_t>(buffer[i]);
+    }
+  }
+}
+
+struct RowResult {
+  float logp, lse, entropy, mean_logits, log_sum_sq_probs;
+  bool is_top1;
+};
+
+// One row of V logits at stride `stride`. kStats: also the per-token statistics.
+template <typename scalar_t, bool kStats>
+RowResult forward_row(
+    const scalar_t* x,
+    int64_t stride,
+    int64_t V,
+    int64_t label,
+    const Transform& transform,
+    float* x_buffer,
+    float* z_buffer) {
+  float m = kNegInf;  // running maximum
+  float m_shift = 0.0f;  // what exps are taken relative to: m, or 0 while m is -inf
+  Vec sum_exp(0.0f), sum_exp_z(0.0f), sum_exp_sq(0.0f), sum_z(0.0f);
+  float z_label = 0.0f;
+  float max_before_label = kNegInf;
+  for (int64_t start = 0; start < V; start += kChunk) {
+    const int64_t n = std::min(kChunk, V - start);
+    const float* src = load_chunk(x + start * stride, stride, n, x_buffer);
+    Vec chunk_max(kNegInf);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      Vec z = transform.z(Vec::loadu(src + i));
+      z.store(z_buffer + i);
+      chunk_max = at::vec::maximum(chunk_max, z);
+      if constexpr (kStats) {
+        sum_z += z;
+      }
+    }
+    if (i < n) {
+      // the missing lanes load as 0 and transform to 0: harmless in sum_z
+      Vec z = transform.z(Vec::loadu(src + i, n - i));
+      if constexpr (kStats) {
+        sum_z += z;
+      }
+      // pad the last vector with -inf: exp gives 0 there, the maximum ignores it
+      z = Vec::set(Vec(kNegInf), z, n - i);
+      z.store(z_buffer + i);
+      chunk_max = at::vec::maximum(chunk_max, z);
+      i += kLanes;
+    }
+    const int64_t n_padded = i;
+    const float chunk_max_value = max_lanes(chunk_max);
+
+    if (label >= start && label < start + n) {
+      // read back from the buffer: exactly the value the sums see, so ties are exact
+      z_label = z_buffer[label - start];
+      if constexpr (kStats) {
+        for (int64_t j = 0; j < label - start; ++j) {
+          max_before_label = max_nan(z_buffer[j], max_before_label);
+        }
+      }
+    } else if (kStats && label >= start + n) {
+      max_before_label = max_nan(chunk_max_value, max_before_label);
+    }
+
+    const float m_new = max_nan(chunk_max_value, m);
+    if (!(m_new == m)) {
+      const float shift_new = m_new == kNegInf ? 0.0f : m_new;
+      // m = -inf: nothing summed yet, alpha = 0 (not exp(0 - shift), which may overflow)
+      const Vec alpha(std::exp(m - shift_new));
+      sum_exp = sum_exp * alpha;
+      if constexpr (kStats) {
+        sum_exp_z = sum_exp_z * alpha;
+        sum_exp_sq = sum_exp_sq * alpha * alpha;
+      }
+      m = m_new;
+      m_shift = shift_new;
+    }
+
+    const Vec shift(m_shift);
+    for (int64_t j = 0; j < n_padded; j += kLanes) {
+      Vec z = Vec::loadu(z_buffer + j);
+      Vec e = (z - shift).exp();
+      sum_exp += e;
+      if constexpr (kStats) {
+        // a -inf logit has e = 0 and contributes 0 to sum p * z, not 0 * -inf = nan
+        sum_exp_z += Vec::blendv(Vec(0.0f), e * z, e > Vec(0.0f));
+        sum_exp_sq += e * e;
+      }
+    }
+  }
+
+  RowResult r{};
+  const float total_exp = sum_lanes(sum_exp);
+  const float log_sum_exp = std::log(total_exp);
+  // (z_y - max) - log(sum_exp), not z_y - lse: exact when y is the arg-max (see reference.py)
+  r.logp = (z_label - m_shift) - log_sum_exp;
+  r.lse = m_shift + log_sum_exp;
+  if constexpr (kStats) {
+    r.entropy = r.lse - sum_lanes(sum_exp_z) / total_exp;
+    r.mean_logits = sum_lanes(sum_z) / static_cast<float>(V);
+    // the first index wins ties: top-1 iff it reaches the max and no earlier logit does
+    r.is_top1 = z_label >= m && z_label > max_before_label;
+    r.log_sum_sq_probs = std::log(sum_lanes(sum_exp_sq)) - 2.0f * log_sum_exp;
+  }
+  return r;
+}
+
+// Writes all V gradient elements of one scored row.
+template <typename scalar_t>
+void backward_row(
+    const scalar_t* x,
+    int64_t stride,
+    scalar_t* grad_x,
+    int64_t grad_stride,
+    int64_t V,
+    int64_t label,
+    float g,
+    float lse,
+    float logp,
+    const Transform& transform,
+    float* x_buffer,
+    float* grad_buffer) {
+  // read before the row is overwritten: grad_x may alias x
+  const float x_label = static_cast<float>(x[label * stride]);
+  const Vec neg_g(-g);
+  const Vec lse_vec(lse);
+  for (int64_t start = 0; start < V; start += kChunk) {
+    const int64_t n = std::min(kChunk, V - start);
+    const float* src = load_chunk(x + start * stride, stride, n, x_buffer);
+    float* dst = grad_buffer;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (grad_stride == 1) {
+        dst = grad_x + start;
+      }
+    }
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const int64_t count = std::min(kLanes, n - i);
+      Vec z, dz_dx;
+      transform.z_and_derivative(Vec::loadu(src + i, count), z, dz_dx);
+      Vec grad = neg_g * (z - lse_vec).exp() * dz_dx;
+      grad.store(dst + i, count);
+    }
+    if (dst == grad_buffer) {
+      store_chunk(grad_buffer, grad_x + start * grad_stride, grad_stride, n);
+    }
+  }
+  // the target term 1 - p_y as -expm1(log p_y) in fp32 (no cancellation as p_y -> 1)
+  grad_x[label * grad_stride] =
+      static_cast<scalar_t>(g * -std::expm1(logp) * transform.derivative_at(x_label));
+}
+
+template <typename scalar_t>
+void zero_row(scalar_t* grad_x, int64_t grad_stride, int64_t V) {
+  if (grad_stride == 1) {
+    // all-zero bits are +0.0 in fp32, bf16 and fp16
+    std::memset(grad_x, 0, V * sizeof(scalar_t));
+  } else {
+    for (int64_t i = 0; i < V; ++i) {
+      grad_x[i * grad_stride] = static_cast<scalar_t>(0.0f);
+    }
+  }
+}
+
+// A fresh [tokens, V] gradient costs more in first-touch page faults (one per 4 KiB page)
+// than in arithmetic. Asking for transparent huge pages on its 2 MiB-aligned interior cuts
+// the faults 512-fold where THP is in "madvise" mode; elsewhere it is a no-op.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.numel() * t.element_size());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (t.is_contiguous() && last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+}
+
+template <typename F>
+void dispatch_float_types(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, "logits must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+int64_t grain_rows(int64_t V) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(V, 1));
+}
+
+void check_label(int64_t label, int64_t V, int64_t ignore_index) {
+  TORCH_CHECK(
+      label >= 0 && label < V,
+      "labels must be in [0, ",
+      V,
+      ") or equal ignore_index=",
+      ignore_index,
+      ", found ",
+      label);
+}
+
+void check_logits(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 3, name, " must have shape (B, T, V), got ", x.sizes());
+}
+
+void check_rows(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(
+      t.device().is_cpu() && t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous(),
+      name,
+      " must be a contiguous CPU ",
+      dtype,
+      " tensor of shape ",
+      shape,
+      ", got ",
+      t.scalar_type(),
+      " ",
+      t.sizes(),
+      t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+const std::vector<std::string> kStatNames = {"entropy", "mean_logits", "is_top1", "log_sum_sq_probs"};
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> logprobs_forward_cpu(
+    const at::Tensor& x,
+    const at::Tensor& labels,
+    int64_t ignore_index,
+    double scale,
+    std::optional<double> softcap,
+    std::vector<std::string> stats) {
+  check_logits(x, "logits");
+  const int64_t B = x.size(0), T = x.size(1), V = x.size(2);
+  check_rows(labels, "labels", {B, T}, at::kLong);
+  for (const auto& name : stats) {
+    TORCH_CHECK(
+        std::find(kStatNames.begin(), kStatNames.end(), name) != kStatNames.end(),
+        "stats must be names from (entropy, mean_logits, is_top1, log_sum_sq_probs), got ",
+        name);
+  }
+  const auto wants = [&](const char* name) {
+    return std::find(stats.begin(), stats.end(), name) != stats.end();
+  };
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({B, T}, f32);
+  at::Tensor lse = at::empty({B, T}, f32);
+  at::Tensor entropy = at::empty({wants("entropy") ? B : 0, T}, f32);
+  at::Tensor mean_logits = at::empty({wants("mean_logits") ? B : 0, T}, f32);
+  at::Tensor is_top1 = at::empty({wants("is_top1") ? B : 0, T}, x.options().dtype(at::kBool));
+  at::Tensor log_sum_sq = at::empty({wants("log_sum_sq_probs") ? B : 0, T}, f32);
+  const Transform transform{
+      static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0))};
+  const bool any_stats = !stats.empty();
+
+  dispatch_float_types(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
+    float* logp_ptr = logp.data_ptr<float>();
+    float* lse_ptr = lse.data_ptr<float>();
+    float* entropy_ptr = entropy.numel() ? entropy.data_ptr<float>() : nullptr;
+    float* mean_ptr = mean_logits.numel() ? mean_logits.data_ptr<float>() : nullptr;
+    bool* top1_ptr = is_top1.numel() ? is_top1.data_ptr<bool>() : nullptr;
+    float* sumsq_ptr = log_sum_sq.numel() ? log_sum_sq.data_ptr<float>() : nullptr;
+    const int64_t stride_b = x.stride(0), stride_t = x.stride(1), stride_v = x.stride(2);
+
+    at::parallel_for(0, B * T, grain_rows(V), [&](int64_t begin, int64_t end) {
+      alignas(64) float x_buffer[kChunk];
+      alignas(64) float z_buffer[kChunk];
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t label = label_ptr[row];
+        RowResult r{};
+        if (label != ignore_index) {
+          check_label(label, V, ignore_index);
+          const scalar_t* row_ptr = x_ptr + (row / T) * stride_b + (row % T) * stride_t;
+          r = any_stats
+              ? forward_row<scalar_t, true>(row_ptr, stride_v, V, label, transform, x_buffer, z_buffer)
+              : forward_row<scalar_t, false>(row_ptr, stride_v, V, label, transform, x_buffer, z_buffer);
+        }
+        logp_ptr[row] = r.logp;
+        lse_ptr[row] = r.lse;
+        if (entropy_ptr) entropy_ptr[row] = r.entropy;
+        if (mean_ptr) mean_ptr[row] = r.mean_logits;
+        if (top1_ptr) top1_ptr[row] = r.is_top1;
+        if (sumsq_ptr) sumsq_ptr[row] = r.log_sum_sq_probs;
+      }
+    });
+  });
+
+  std::vector<at::Tensor> stat_values;
+  for (const auto& name : stats) {
+    stat_values.push_back(
+        name == "entropy"           ? entropy
+            : name == "mean_logits" ? mean_logits
+            : name == "is_top1"     ? is_top1
+                                    : log_sum_sq);
+  }
+  return {logp, lse, stat_values};
+}
+
+void logprobs_backward_cpu(
+    const at::Tensor& grad_logp,
+    const at::Tensor& x,
+    const at::Tensor& labels,
+    const at::Tensor& logp,
+    const at::Tensor& lse,
+    const at::Tensor& grad_x,
+    int64_t ignore_index,
+    double scale,
+    std::optional<double> softcap) {
+  check_logits(x, "logits");
+  const int64_t B = x.size(0), T = x.size(1), V = x.size(2);
+  check_rows(labels, "labels", {B, T}, at::kLong);
+  check_rows(grad_logp, "grad_logp", {B, T}, at::kFloat);
+  check_rows(logp, "logp", {B, T}, at::kFloat);
+  check_rows(lse, "lse", {B, T}, at::kFloat);
+  check_logits(grad_x, "grad_x");
+  TORCH_CHECK(
+      grad_x.sizes() == x.sizes() && grad_x.scalar_type() == x.scalar_type(),
+      "grad_x must match the logits' shape and dtype ",
+      x.sizes(),
+      " ",
+      x.scalar_type(),
+      ", got ",
+      grad_x.sizes(),
+      " ",
+      grad_x.scalar_type());
+  const Transform transform{
+      static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0))};
+  advise_huge_pages(grad_x);
+
+  dispatch_float_types(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    // grad_x may alias x: every element of a row is read before it is written
+    scalar_t* grad_ptr = static_cast<scalar_t*>(grad_x.data_ptr());
+    const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
+    const float* g_ptr = grad_logp.const_data_ptr<float>();
+    const float* logp_ptr = logp.const_data_ptr<float>();
+    const float* lse_ptr = lse.const_data_ptr<float>();
+    const int64_t stride_b = x.stride(0), stride_t = x.stride(1), stride_v = x.stride(2);
+    const int64_t grad_b = grad_x.stride(0), grad_t = grad_x.stride(1), grad_v = grad_x.stride(2);
+
+    at::parallel_for(0, B * T, grain_rows(V), [&](int64_t begin, int64_t end) {
+      alignas(64) float x_buffer[kChunk];
+      alignas(64) float grad_buffer[kChunk];
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / T, t = row % T;
+        scalar_t* grad_row = grad_ptr + b * grad_b + t * grad_t;
+        const int64_t label = label_ptr[row];
+        if (label == ignore_index) {
+          zero_row(grad_row, grad_v, V);
+          continue;
+        }
+        check_label(label, V, ignore_index);
+        backward_row(
+            x_ptr + b * stride_b + t * stride_t,
+            stride_v,
+            grad_row,
+            grad_v,
+            V,
+            label,
+            g_ptr[row],
+            lse_ptr[row],
+            logp_ptr[row],
+            transform,
+            x_buffer,
+            grad_buffer);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace dpo_fast
+
+// FRAGMENT: other parts of dpo_fast may register operators in the same namespace.
+TORCH_LIBRARY_FRAGMENT(dpo_fast, m) {
+  m.def(
+      "logprobs_forward_cpu(Tensor x, Tensor labels, int ignore_index, float scale, float? softcap, "
+      "str[] stats) -> (Tensor logp, Tensor lse, Tensor[] stats)");
+  m.def(
+      "logprobs_backward_cpu(Tensor grad_logp, Tensor x, Tensor labels, Tensor logp, Tensor lse, "
+      "Tensor(a!) grad_x, int ignore_index, float scale, float? softcap) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dpo_fast, CPU, m) {
+  m.impl("logprobs_forward_cpu", &dpo_fast::logprobs_forward_cpu);
+  m.impl("logprobs_backward_cpu", &dpo_fast::logprobs_backward_cpu);
+}
