@@ -1,0 +1,270 @@
+"""Drop-in for TRL's ``DPOTrainer``: our fused head behind TRL's own ``fused_lm_head`` protocol.
+
+TRL (1.15, 1.16) never asks a model for logits during DPO. ``DPOTrainer.__init__`` calls
+``add_fused_lm_head`` on the policy and the reference model, which wraps ``model.forward`` so
+that ``model(..., labels=L, fused_lm_head=True)`` returns a ``FusedCausalLMOutput`` of per-token
+log-probs (and entropy, mean logit, label-is-arg-max) with the ``[tokens, vocab]`` logits never
+built. Every loss type, metric, PEFT reference adapter and the reference precompute path read
+that output. So replacing that one function with :func:`add_fused_lm_head` below, which computes
+the same fields with :func:`dpo_fast.linear_token_logprobs`, swaps the kernel and keeps the rest
+of TRL unchanged.
+
+Three ways in::
+
+    from dpo_fast.integrations.trl import FastDPOTrainer   # a trl.DPOTrainer subclass
+    trainer = FastDPOTrainer(model=model, ref_model=ref, args=config, train_dataset=data,
+                             processing_class=tokenizer)
+
+or ``dpo_fast.integrations.trl.patch()`` before building an unmodified ``trl.DPOTrainer``
+(``unpatch()`` restores TRL's head), or ``with patched(): ...``.
+
+Only the DPO trainer is patched. DPO reads the entropy for logging only (detached), and our
+statistics carry no gradient; trainers that differentiate the entropy (an entropy bonus in
+GRPO-style losses) keep TRL's head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Iterator
+
+import torch
+import trl
+import trl.trainer.dpo_trainer as _dpo_module
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch.distributed.tensor import DTensor
+from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+
+from ..linear_logprobs import linear_token_logprobs
+from ..reference import STAT_NAMES
+
+# The TRL releases whose fused-head protocol (signature, output fields, call sites) this module
+# implements; keep in step with the `trl` extra in setup.py.
+SUPPORTED_TRL = SpecifierSet(">=1.15,<1.17")
+
+__all__ = [
+    "SUPPORTED_TRL",
+    "FastDPOTrainer",
+    "add_fused_lm_head",
+    "check_trl_version",
+    "patch",
+    "patched",
+    "unpatch",
+]
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """Raise ``RuntimeError`` unless the installed TRL (or ``version``) is one we support."""
+    version = trl.__version__ if version is None else version
+    if Version(version) not in SUPPORTED_TRL:
+        raise RuntimeError(
+            f"dpo_fast.integrations.trl supports trl{SUPPORTED_TRL}, found trl {version}: install a "
+            "supported TRL (pip install 'dpo-fast[trl]') or use dpo_fast.concatenated_forward in your loop"
+        )
+
+
+def trl_head_transforms(config) -> tuple[float | None, float]:
+    """``(softcap, logit_scale)`` a causal LM's config applies to its logits, read as TRL reads them.
+
+    This is the protocol's own reading, kept so the drop-in gives TRL's results on every model;
+    ``dpo_fast.concatenated_forward`` reads more fields and verifies its reading against the
+    model's logits (``dpo_fast.hf.model``).
+
+    ``logit_scale`` multiplies the raw logits before the softcap: Cohere's ``logit_scale``, Muse
+    Glimmer's ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``, and Granite / MiniCPM3's
+    ``logits_scaling`` (a divisor, except for HyperCLOVA X where it multiplies).
+    """
+    text_config = config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text_config, name, None)
+        if scale is not None:
+            return softcap, float(scale)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return softcap, float(scaling if text_config.model_type == "hyperclovax" else 1 / scaling)
+    return softcap, 1.0
+
+
+def _router_aux_loss(model, text_config, backbone_outputs, attention_mask) -> torch.Tensor:
+    # Mixtral's load-balancing loss is the one every MoE family in transformers shares.
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or model.num_experts
+    return load_balancing_loss_func(
+        backbone_outputs.router_logits, num_experts, text_config.num_experts_per_tok, attention_mask
+    )
+
+
+def add_fused_lm_head(
+    model,
+    temperature: float = 1.0,
+    cast_lm_head_to_fp32: bool = False,
+    outputs: tuple[str, ...] = ("log_probs",),
+) -> None:
+    """TRL's ``trl.trainer.utils.add_fused_lm_head`` (same signature and contract), on our kernels.
+
+    After it, ``model(..., labels=labels, fused_lm_head=True)`` runs the backbone, scores only
+    the positions whose next-token label is not -100 with :func:`dpo_fast.linear_token_logprobs`
+    (no ``[tokens, vocab]`` logits), and returns TRL's ``FusedCausalLMOutput``: ``log_probs``
+    ``(B, T-1)`` float32 (``(B, T)`` with pre-shifted ``shift_labels``), the requested
+    statistics among ``entropy``, ``mean_logits``, ``is_top1`` (bool), ``log_sum_sq_probs`` (no
+    gradient; zero at ignored positions), ``label_mask`` (bool), ``loss`` (mean NLL, or divided
+    by ``num_items_in_batch``) and, for MoE models that request router logits, ``aux_loss``.
+    Without ``fused_lm_head=True`` the model's own forward runs, so ``generate`` is unchanged.
+
+    Args:
+        model: a ``transformers`` causal LM (the base model when PEFT wraps it).
+        temperature: the logits are divided by it.
+        cast_lm_head_to_fp32: run the head in float32, outside autocast.
+        outputs: ``"log_probs"`` plus any of :data:`dpo_fast.STAT_NAMES`.
+    """
+    unknown = [name for name in outputs if name != "log_probs" and name not in STAT_NAMES]
+    if unknown:
+        raise ValueError(f"outputs must be 'log_probs' or names from {STAT_NAMES}, got unknown {unknown}")
+    stats = tuple(name for name in STAT_NAMES if name in outputs)
+    text_config = model.config.get_text_config()
+    softcap, logit_scale = trl_head_transforms(model.config)
+    original_forward = model.forward
+
+    # the original signature: `generate` validates its model kwargs against it
+    @functools.wraps(type(model).forward)
+    def fused_forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        _refuse_zero3()
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        # looked up on every call: PEFT and FSDP replace the backbone and head after patching
+        backbone_outputs = self.base_model(*args, **kwargs)
+        hidden = backbone_outputs.last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # FSDP2 shards the head
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        per_token = _score(
+            hidden, weight, bias, labels, temperature, softcap, logit_scale, stats, cast_lm_head_to_fp32
+        )
+        mask = labels != -100
+        log_probs = per_token.pop("log_probs")
+        divisor = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / divisor
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _router_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(
+            loss=loss, label_mask=mask, aux_loss=aux_loss, log_probs=log_probs, **per_token
+        )
+
+    model.forward = types.MethodType(fused_forward, model)
+
+
+def _score(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    stats: tuple[str, ...],
+    cast_to_fp32: bool,
+) -> dict[str, torch.Tensor]:
+    """``{"log_probs": (B, T), stat: (B, T)}`` of ``labels`` (-100 = not scored: 0 there).
+
+    Only scored positions reach the head (in DPO batches most tokens are prompt or padding);
+    under autocast the head runs in the autocast dtype, as TRL's does.
+    """
+    no_autocast = contextlib.nullcontext()
+    if cast_to_fp32:
+        hidden, weight = hidden.float(), weight.float()
+        bias = None if bias is None else bias.float()
+        no_autocast = torch.autocast(hidden.device.type, enabled=False)
+    with no_autocast, maybe_gather_lm_head_ctx(weight, bias):
+        result = linear_token_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            # TRL (like generation) divides by the temperature after the softcap; ours softcaps
+            # after it, and c*tanh(u/c)/T equals (c/T)*tanh((u/T)/(c/T))
+            softcap=None if softcap is None else softcap / temperature,
+            logit_scale=logit_scale,
+            stats=stats,
+        )
+    log_probs, stat_values = result if stats else (result, {})
+    return {"log_probs": log_probs, **stat_values}
+
+
+def _refuse_zero3() -> None:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        # our backward reads the head weight after ZeRO-3 has re-partitioned it
+        raise NotImplementedError(
+            "dpo_fast's TRL head does not support DeepSpeed ZeRO-3; use FSDP2, ZeRO-2, or unpatch()"
+        )
+
+
+_trl_add_fused_lm_head = None  # TRL's function while patched
+
+
+def patch() -> None:
+    """Make every ``trl.DPOTrainer`` built from now on use our fused head (idempotent).
+
+    Raises:
+        RuntimeError: the installed TRL is not one of :data:`SUPPORTED_TRL`.
+    """
+    global _trl_add_fused_lm_head
+    check_trl_version()
+    if _trl_add_fused_lm_head is None:
+        _trl_add_fused_lm_head = _dpo_module.add_fused_lm_head
+        _dpo_module.add_fused_lm_head = add_fused_lm_head
+
+
+def unpatch() -> None:
+    """Restore TRL's own head for trainers built from now on (idempotent). Trainers already
+    built keep the head they were built with."""
+    global _trl_add_fused_lm_head
+    if _trl_add_fused_lm_head is not None:
+        _dpo_module.add_fused_lm_head = _trl_add_fused_lm_head
+        _trl_add_fused_lm_head = None
+
+
+@contextlib.contextmanager
+def patched() -> Iterator[None]:
+    """``patch()`` for the duration of a ``with`` block, restoring the previous state after."""
+    was_patched = _trl_add_fused_lm_head is not None
+    patch()
+    try:
+        yield
+    finally:
+        if not was_patched:
+            unpatch()
+
+
+class FastDPOTrainer(trl.DPOTrainer):
+    """``trl.DPOTrainer`` with dpo_fast's fused head: same arguments, same results.
+
+    The head is installed on the policy and reference model when the trainer is built;
+    other trainers are left alone.
+    """
+
+    def __init__(self, *args, **kwargs):
+        with patched():
+            super().__init__(*args, **kwargs)

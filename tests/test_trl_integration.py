@@ -1,0 +1,240 @@
+"""dpo_fast.integrations.trl: our head behind TRL's `fused_lm_head` protocol gives TRL's results.
+
+The head alone is compared field by field with TRL's own head on the same tiny model; then
+``trl.DPOTrainer`` trains a tiny random Llama for 10 steps on the bundled hh-rlhf pairs with
+and without our head, same seed, and the logged per-step metrics must agree.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head  # noqa: E402
+
+import dpo_fast.integrations.trl as fast_trl  # noqa: E402
+from dpo_fast.datasets import load_preference_data, train_bpe_tokenizer  # noqa: E402
+
+STEPS = 10
+METRICS = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "rewards/chosen")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    # the pairs with the shortest prompts, so short max_length truncates completions, not prompts
+    return sorted(load_preference_data(), key=lambda pair: len(pair["prompt"]))[:24]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pairs):
+    return train_bpe_tokenizer(pairs, vocab_size=300)
+
+
+def tiny_llama(tokenizer, **config) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **config,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls of our kernel from the TRL head, so a test sees that it really ran."""
+    calls = []
+    kernel = fast_trl.linear_token_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fast_trl, "linear_token_logprobs", counting)
+    return calls
+
+
+def random_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Labels = input ids with a random ~half of the positions ignored (-100)."""
+    return input_ids.masked_fill(torch.rand(input_ids.shape) < 0.5, -100)
+
+
+FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs", "label_mask", "loss")
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [{}, {"final_logit_softcapping": 2.0, "logit_scale": 3.0}, {"logits_scaling": 4.0}],
+    ids=["plain", "softcap-scale", "granite-scaling"],
+)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_matches_trl_head(tokenizer, kernel_calls, transform, temperature):
+    model = tiny_llama(tokenizer)
+    for name, value in transform.items():
+        setattr(model.config, name, value)
+    # a head bias exercises the bias path (Llama has none)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(model.config.vocab_size))
+    theirs = copy.deepcopy(model)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    fast_trl.add_fused_lm_head(model, temperature=temperature, outputs=outputs)
+    trl_add_fused_lm_head(theirs, temperature=temperature, outputs=outputs)
+
+    input_ids = torch.randint(2, model.config.vocab_size, (3, 11))
+    labels = random_labels(input_ids)
+    ours_out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    theirs_out = theirs(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert kernel_calls, "our kernel did not run"
+    for field in FIELDS:
+        a, b = getattr(ours_out, field), getattr(theirs_out, field)
+        assert a.shape == b.shape and a.dtype == b.dtype, field
+        if a.dtype == torch.bool:
+            # a near-tie between the label's logit and the arg-max may resolve either way
+            assert (a != b).float().mean() <= 0.05, field
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=field)
+    assert not ours_out.log_probs[~ours_out.label_mask].any(), "ignored positions must be 0"
+
+    # gradients of a loss through the log-probs, on every parameter
+    weights = torch.randn_like(ours_out.log_probs)
+    (ours_out.log_probs * weights).sum().backward()
+    (theirs_out.log_probs * weights).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_head_shift_labels_num_items_and_plain_forward(tokenizer):
+    model = tiny_llama(tokenizer)
+    theirs = copy.deepcopy(model)
+    fast_trl.add_fused_lm_head(model)
+    trl_add_fused_lm_head(theirs)
+    input_ids = torch.randint(2, model.config.vocab_size, (2, 9))
+    shift_labels = random_labels(input_ids)
+    for kwargs in ({"shift_labels": shift_labels}, {"labels": shift_labels, "num_items_in_batch": 7}):
+        ours_out = model(input_ids=input_ids, fused_lm_head=True, **kwargs)
+        theirs_out = theirs(input_ids=input_ids, fused_lm_head=True, **kwargs)
+        torch.testing.assert_close(ours_out.log_probs, theirs_out.log_probs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours_out.loss, theirs_out.loss, rtol=1e-5, atol=1e-6)
+    assert ours_out.entropy is None and ours_out.is_top1 is None  # not requested
+    # without fused_lm_head the model's own forward runs: logits and its own loss
+    plain = model(input_ids=input_ids, labels=input_ids)
+    reference = theirs(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(plain.logits, reference.logits)
+    torch.testing.assert_close(plain.loss, reference.loss)
+
+
+def test_head_all_positions_ignored_gives_connected_zero(tokenizer):
+    model = tiny_llama(tokenizer)
+    fast_trl.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    input_ids = torch.randint(2, model.config.vocab_size, (2, 6))
+    out = model(input_ids=input_ids, labels=torch.full_like(input_ids, -100), fused_lm_head=True)
+    assert out.log_probs.shape == (2, 5) and not out.log_probs.any() and not out.entropy.any()
+    out.log_probs.sum().backward()  # must not fail: TRL relies on it for all-masked micro-batches
+    assert model.lm_head.weight.grad is not None and not model.lm_head.weight.grad.any()
+
+
+def test_unknown_output_name_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="logps"):
+        fast_trl.add_fused_lm_head(tiny_llama(tokenizer), outputs=("log_probs", "logps"))
+
+
+def test_version_check(monkeypatch):
+    fast_trl.check_trl_version("1.16.0")
+    fast_trl.check_trl_version("1.15.2")
+    for version in ("1.14.0", "1.17.0", "0.29.1"):
+        with pytest.raises(RuntimeError, match=f"found trl {version}"):
+            fast_trl.check_trl_version(version)
+    monkeypatch.setattr(trl, "__version__", "2.0.0")
+    with pytest.raises(RuntimeError, match="supports trl"):
+        fast_trl.patch()
+    assert trl.trainer.dpo_trainer.add_fused_lm_head is trl_add_fused_lm_head
+
+
+def test_patch_unpatch_and_context():
+    module = trl.trainer.dpo_trainer
+    try:
+        fast_trl.patch()
+        fast_trl.patch()  # idempotent
+        assert module.add_fused_lm_head is fast_trl.add_fused_lm_head
+        with fast_trl.patched():
+            assert module.add_fused_lm_head is fast_trl.add_fused_lm_head
+        assert module.add_fused_lm_head is fast_trl.add_fused_lm_head, "patched() must keep an outer patch"
+    finally:
+        fast_trl.unpatch()
+    fast_trl.unpatch()  # idempotent
+    assert module.add_fused_lm_head is trl_add_fused_lm_head
+    with fast_trl.patched():
+        assert module.add_fused_lm_head is fast_trl.add_fused_lm_head
+    assert module.add_fused_lm_head is trl_add_fused_lm_head
+
+
+def train_trl(trainer_cls, pairs, tokenizer, tmp_path, seed, **dpo_args) -> list[dict]:
+    """10 DPO steps of ``trainer_cls`` on the pairs; the per-step logs."""
+    torch.manual_seed(seed)
+    model = tiny_llama(tokenizer)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=seed,
+        max_length=64,
+        use_cpu=True,
+        bf16=False,  # TRL's default: bf16 autocast, even on CPU
+        disable_tqdm=True,
+        **dpo_args,
+    )
+    trainer = trainer_cls(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(pairs),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert len(trainer.train_dataset) == len(pairs), "TRL dropped pairs: prompts too long for max_length"
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == STEPS
+    return logs
+
+
+@pytest.mark.parametrize(
+    "dpo_args",
+    [
+        {"loss_type": ["sigmoid"]},
+        {"loss_type": ["ipo"]},
+        {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.7, 0.3]},
+        {"loss_type": ["sigmoid"], "precompute_ref_log_probs": True},
+    ],
+    ids=["sigmoid", "ipo", "sigmoid+bco_pair", "sigmoid-precomputed-ref"],
+)
+def test_dpo_trainer_steps_match_trl(pairs, tokenizer, tmp_path, kernel_calls, dpo_args):
+    seed = torch.initial_seed() % 2**31
+    reference = train_trl(trl.DPOTrainer, pairs, tokenizer, tmp_path / "trl", seed, **dpo_args)
+    assert not kernel_calls
+    ours = train_trl(fast_trl.FastDPOTrainer, pairs, tokenizer, tmp_path / "fast", seed, **dpo_args)
+    assert True in kernel_calls, "FastDPOTrainer did not run our kernel for the policy"
+    assert False in kernel_calls, "... nor for the reference (or its precompute)"
+    assert trl.trainer.dpo_trainer.add_fused_lm_head is trl_add_fused_lm_head, "the patch leaked"
+    for step, (theirs, mine) in enumerate(zip(reference, ours, strict=True), start=1):
+        for metric in METRICS:
+            a, b = mine[metric], theirs[metric]
+            # relative 1e-4. Rewards are beta times differences of log-prob sums of size ~100,
+            # whose fp32 rounding (~1e-5) is all that is left where a reward is near 0
+            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"step {step} {metric}: {a} vs TRL {b}"
+    # training did something, so the comparison is not between two constants
+    assert reference[-1]["rewards/margins"] != reference[0]["rewards/margins"]
