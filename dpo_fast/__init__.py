@@ -3,14 +3,18 @@
 from .hf import ConcatenatedOutput, concatenated_forward
 from .linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import sequence_logprobs, token_logprobs
+from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from .reference import STAT_NAMES
 
 __all__ = [
+    "LOSS_TYPES",
     "STAT_NAMES",
     "ConcatenatedOutput",
+    "PreferenceLossOutput",
     "concatenated_forward",
     "linear_sequence_logprobs",
     "linear_token_logprobs",
+    "preference_loss",
     "sequence_logprobs",
     "token_logprobs",
 ]

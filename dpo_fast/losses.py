@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_backend
-from .validation import check_float_tensor
 
 LOSS_TYPES = (
     "sigmoid",
@@ -57,6 +56,7 @@ NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo", "sft"})
 # What the rewards are made of: beta * (policy - reference), beta * policy sum, beta * policy mean.
 REWARD_KINDS = ("log_ratio", "policy_sum", "policy_mean")
 REDUCTIONS = ("mean", "sum", "none")
+LOGP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # f-divergence exponents are clamped here (TRL clamps the alpha-divergence's in fp32 alike).
 EXP_CLAMP = 80.0
 
@@ -405,6 +405,13 @@ def _triton_preference_loss(c, r, rc, rr, lc, lr, nll, spec: _Spec):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_float(name: str, tensor: object) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in LOGP_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {tensor.dtype}")
+
+
 def _check_pairs(name: str, tensor: object, like: torch.Tensor | None, real: bool = False) -> None:
     """A ``(P,)`` tensor matching ``like`` (shape, device); float (any real dtype if ``real``)."""
     if not isinstance(tensor, torch.Tensor):
@@ -415,7 +422,7 @@ def _check_pairs(name: str, tensor: object, like: torch.Tensor | None, real: boo
                 f"{name} must be an integer or float tensor of token counts, got dtype {tensor.dtype}"
             )
     else:
-        check_float_tensor(name, tensor, min_dim=1)
+        _check_float(name, tensor)
     if like is None:
         if tensor.dim() != 1 or tensor.shape[0] == 0:
             raise ValueError(f"{name} must have shape (P,) with P >= 1 pairs, got {tuple(tensor.shape)}")
@@ -527,12 +534,13 @@ def preference_loss(
 
     The formulas are TRL 1.16's (``DPOTrainer`` for the DPO family, ``CPOTrainer`` for
     ``cpo``/``simpo``, ``ORPOTrainer`` for ``orpo``), computed in fp32 whatever the inputs'
-    dtype. Gradients flow to ``chosen_logps``, ``rejected_logps`` and ``chosen_nll`` only;
-    the references and lengths are constants. No value is read on the host.
+    dtype (the torch backend computes float64 inputs in float64: the tests' oracle).
+    Gradients flow to ``chosen_logps``, ``rejected_logps`` and ``chosen_nll`` only; the
+    references and lengths are constants. No value is read on the host.
 
     Args:
-        chosen_logps, rejected_logps: ``(P,)`` float16/bfloat16/float32 summed log-probs of the
-            chosen / rejected completions (the sums over completion tokens).
+        chosen_logps, rejected_logps: ``(P,)`` float16/bfloat16/float32/float64 summed
+            log-probs of the chosen / rejected completions (sums over completion tokens).
         ref_chosen_logps, ref_rejected_logps: ``(P,)`` the reference model's; required by every
             loss except the reference-free ``simpo``, ``cpo``, ``orpo`` (which reject them)
             and ``sft``.
@@ -582,7 +590,8 @@ def preference_loss(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``dpo_fast.backends``).
 
     Returns:
-        :class:`PreferenceLossOutput` ``(loss, chosen_rewards, rejected_rewards, metrics)``.
+        :class:`PreferenceLossOutput` ``(loss, chosen_rewards, rejected_rewards, metrics)``,
+        fp32 (float64 from the torch backend on float64 inputs).
         Rewards are ``beta`` times the log-ratio for the DPO family, the summed policy
         log-prob for ``cpo``, the mean token log-prob for ``simpo``/``orpo`` (TRL's trainers);
         a mixture must combine losses of one such kind (``sft`` goes with any).
@@ -621,7 +630,7 @@ def preference_loss(
     if chosen_nll is not None:
         if not set(weights) & {"orpo", "cpo"}:
             raise ValueError(f"chosen_nll is used by orpo and cpo only, got loss types {sorted(weights)}")
-        check_float_tensor("chosen_nll", chosen_nll, min_dim=0)
+        _check_float("chosen_nll", chosen_nll)
         if chosen_nll.shape not in ((), (P,)):
             raise ValueError(f"chosen_nll must have shape () or ({P},), got {tuple(chosen_nll.shape)}")
         if chosen_nll.device != chosen_logps.device:
@@ -632,7 +641,7 @@ def preference_loss(
     elif "orpo" in weights:
         raise ValueError("orpo needs chosen_nll, the NLL of the chosen completions")
     if isinstance(bco_delta, torch.Tensor):
-        check_float_tensor("bco_delta", bco_delta, min_dim=0)
+        _check_float("bco_delta", bco_delta)
         if bco_delta.shape != () or bco_delta.device != chosen_logps.device:
             raise ValueError(
                 f"bco_delta must be a float or a 0-dim tensor on {chosen_logps.device}, "
