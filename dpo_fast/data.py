@@ -22,6 +22,9 @@ and ``num_pairs`` (the int B). ``packed`` holds 2B blocks ``[prompt | chosen]`` 
 ``[prompt | rejected]`` (padding-free training); ``prefix_shared`` holds B blocks
 ``[prompt | chosen | rejected]`` whose rejected positions continue from the end of the prompt,
 so the prompt runs through the model once per pair instead of twice.
+
+Examples' ``ref_chosen_logps`` / ``ref_rejected_logps`` (TRL's precomputed reference
+log-probs) pass through as ``(B,)`` tensors in every layout.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ LAYOUTS = ("padded", "packed", "prefix_shared")
 BRANCH_PROMPT, BRANCH_CHOSEN, BRANCH_REJECTED = 0, 1, 2
 _PAIR_TEXT_KEYS = ("prompt", "chosen", "rejected")
 _PAIR_ID_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass(frozen=True)
@@ -323,8 +327,9 @@ class PreferenceCollator:
             :func:`truncate_pair`); the same pair gives the same sequences in every layout.
         pad_token_id: filler id; default the tokenizer's pad (else eos) token, else 0.
         max_prompt_length: keep only the prompt's last this many tokens.
-        pack_length: ``packed``/``prefix_shared`` row capacity; default ``max_length`` when
-            set, else the longest block of the batch.
+        pack_length: ``packed``/``prefix_shared`` row capacity in tokens; default the longest
+            block of the batch, so no row is longer than the ``padded`` layout's rows (with
+            sdpa/eager attention a row of L tokens costs L^2). A large value packs one row.
         pad_to_multiple_of: round the padded width up (helps tensor-core shapes).
         add_eos: append EOS to tokenized completion strings.
 
@@ -361,7 +366,7 @@ class PreferenceCollator:
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.pack_length = pack_length if pack_length is not None else max_length
+        self.pack_length = pack_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.add_eos = add_eos
 
@@ -383,10 +388,14 @@ class PreferenceCollator:
         pairs = self.pairs(examples)
         options = {"pad_token_id": self.pad_token_id, "pad_to_multiple_of": self.pad_to_multiple_of}
         if self.layout == "padded":
-            return collate_padded(pairs, **options)
-        if self.layout == "packed":
-            sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
-                (p.prompt_ids, p.rejected_ids) for p in pairs
-            ]
-            return collate_packed(sequences, pack_length=self.pack_length, **options)
-        return collate_prefix_shared(pairs, pack_length=self.pack_length, **options)
+            batch = collate_padded(pairs, **options)
+        elif self.layout == "packed":
+            sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+            sequences += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+            batch = collate_packed(sequences, pack_length=self.pack_length, **options)
+        else:
+            batch = collate_prefix_shared(pairs, pack_length=self.pack_length, **options)
+        for key in _REFERENCE_KEYS:  # precomputed reference log-probs travel with the batch, as in TRL
+            if all(key in example for example in examples):
+                batch[key] = torch.tensor([float(example[key]) for example in examples])
+        return batch

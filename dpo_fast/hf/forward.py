@@ -265,8 +265,8 @@ def concatenated_forward(
     layout = check_layout(layout)
     stats = check_stats(stats)
     base = unwrap_model(model)
-    backbone = find_backbone(base)
     linear, transforms = find_head(base)
+    backbone = find_backbone(base)
     config = text_config(base)
     context = torch.no_grad() if not grad else contextlib.nullcontext()
     with context:
