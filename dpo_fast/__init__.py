@@ -1,5 +1,6 @@
 """dpo_fast: fused kernels for preference-optimization training of language models."""
 
+from .fused_linear_loss import FusedLinearPreferenceAux, FusedLinearPreferenceLoss
 from .hf import ConcatenatedOutput, concatenated_forward
 from .linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import sequence_logprobs, token_logprobs
@@ -10,6 +11,8 @@ __all__ = [
     "LOSS_TYPES",
     "STAT_NAMES",
     "ConcatenatedOutput",
+    "FusedLinearPreferenceAux",
+    "FusedLinearPreferenceLoss",
     "PreferenceLossOutput",
     "concatenated_forward",
     "linear_sequence_logprobs",

@@ -365,6 +365,9 @@ def _kernel_inputs(c, r, nll, aot, aot_unpaired, constants) -> dict[str, torch.T
     }
 
 
+# torch.compile runs this eagerly (a graph break): the kernels' compile-time weights and the
+# interpreter used on CPU are not traceable, and one launch gains nothing from fusion.
+@torch.compiler.disable
 def _triton_preference_loss(c, r, rc, rr, lc, lr, nll, spec: _Spec):
     from .kernels import preference_loss as kernels
 
