@@ -6,6 +6,7 @@ from .linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import sequence_logprobs, token_logprobs
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from .reference import STAT_NAMES
+from .reference_logps import ReferenceLogps, precompute_reference_logps
 
 __all__ = [
     "LOSS_TYPES",
@@ -14,9 +15,11 @@ __all__ = [
     "FusedLinearPreferenceAux",
     "FusedLinearPreferenceLoss",
     "PreferenceLossOutput",
+    "ReferenceLogps",
     "concatenated_forward",
     "linear_sequence_logprobs",
     "linear_token_logprobs",
+    "precompute_reference_logps",
     "preference_loss",
     "sequence_logprobs",
     "token_logprobs",

@@ -1,0 +1,202 @@
+"""Reference-model log-probs computed once, before training, and cached on disk.
+
+DPO's reference model is frozen, so its chosen/rejected log-probs are a fixed function of the
+data: computing them once frees the reference model's memory and its forward from every
+training step. :func:`precompute_reference_logps` runs the reference model forward-only
+through :func:`dpo_fast.concatenated_forward` (``grad=False``: no autograd state) and,
+given a ``cache`` path, saves the result with two fingerprints: one of the model's weights
+and one of the collated batches (token ids and masks, so a change of tokenizer, truncation
+or data shows). A cache whose fingerprints differ is reported and recomputed, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+
+from .data import PreferenceCollator, check_layout
+from .hf import concatenated_forward
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+class ReferenceLogps(NamedTuple):
+    """Summed completion log-probs of the reference model, float32 on the CPU, ``(N,)`` each,
+    in the order of the data."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+
+def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+    # raw bytes of any dtype (numpy has no bfloat16)
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's class, parameter and buffer names, dtypes, shapes and values."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        _hash_tensor(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def _batches(
+    data: DataLoader | Sequence[Mapping[str, Any]],
+    collate: Callable | None,
+    layout: str,
+    batch_size: int,
+) -> Callable[[], Iterable[Mapping[str, Any]]]:
+    """A function returning a fresh iterator over the collated batches, in data order."""
+    if isinstance(data, DataLoader):
+        if collate is not None:
+            raise ValueError(
+                "pass collator only with a sequence of examples; a DataLoader has its own collate_fn"
+            )
+        if not isinstance(data.dataset, IterableDataset) and not isinstance(data.sampler, SequentialSampler):
+            raise ValueError(
+                "data is a DataLoader that does not read the examples in order (shuffle=True or a custom "
+                "sampler): the reference log-probs would not line up with the examples; use shuffle=False"
+            )
+        return lambda: iter(data)
+    if not isinstance(data, Sequence) and not hasattr(data, "__getitem__"):
+        raise TypeError(
+            f"data must be a torch DataLoader or a sequence of examples (list, datasets.Dataset), "
+            f"got {type(data).__name__}"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    collate = collate if collate is not None else PreferenceCollator(layout=layout)
+    return lambda: (
+        collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        for start in range(0, len(data), batch_size)
+    )
+
+
+def data_fingerprint(batches: Iterable[Mapping[str, Any]]) -> str:
+    """SHA-256 of every tensor (and int) of the collated batches, in order."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            value = batch[key]
+            if isinstance(value, torch.Tensor):
+                _hash_tensor(digest, key, value)
+            else:
+                digest.update(f"{key}={value!r};".encode())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _load_cache(path: Path, model_fp: str, data_fp: str) -> ReferenceLogps | None:
+    """The cached result when it matches both fingerprints; None (with a warning) otherwise."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        stale = [
+            what
+            for what, key, expected in (("model weights", "model", model_fp), ("data", "data", data_fp))
+            if saved.get(key) != expected
+        ]
+        if saved.get("format") != CACHE_FORMAT:
+            stale.append("file format")
+    except Exception as error:  # a truncated or foreign file is as good as no cache
+        stale = [f"unreadable ({type(error).__name__}: {error})"]
+    if stale:
+        warnings.warn(
+            f"reference log-prob cache {path} is stale ({', '.join(stale)} changed): recomputing it",
+            stacklevel=3,
+        )
+        return None
+    return ReferenceLogps(saved["chosen"], saved["rejected"])
+
+
+def precompute_reference_logps(
+    model: nn.Module,
+    data: DataLoader | Sequence[Mapping[str, Any]],
+    *,
+    layout: str = "padded",
+    batch_size: int = 8,
+    collator: Callable | None = None,
+    cache: str | Path | None = None,
+    progress: bool = True,
+    check: bool = True,
+    backend: str = "auto",
+) -> ReferenceLogps:
+    """Chosen/rejected log-probs of the frozen reference ``model`` over ``data``, optionally cached.
+
+    Args:
+        model: the reference causal LM (any ``concatenated_forward`` takes), on the device to
+            run on. It runs in eval mode (dropout off; its mode is restored after).
+        data: a ``DataLoader`` of collated batches that reads the examples in order, or a
+            sequence of examples (list, ``datasets.Dataset``) batched here by ``batch_size``
+            with ``collator`` (default ``PreferenceCollator(layout=layout)``, which takes
+            tokenized ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` examples).
+        layout: ``"padded"``, ``"packed"`` or ``"prefix_shared"`` (the collated batches' layout).
+        batch_size: pairs per forward when ``data`` is a sequence.
+        collator: turns a list of examples into a batch (e.g. a ``PreferenceCollator`` with a
+            tokenizer for string examples).
+        cache: a file to save the result to and load it from. It is reused only when both
+            the model weights and the collated data are identical (SHA-256 fingerprints);
+            otherwise a warning names what changed and the result is recomputed and saved.
+        progress: show a progress bar.
+        check, backend: as :func:`dpo_fast.concatenated_forward`.
+
+    Returns:
+        :class:`ReferenceLogps` ``(chosen, rejected)``: float32 CPU tensors ``(N,)``, N pairs.
+    """
+    check_layout(layout)
+    batches = _batches(data, collator, layout, batch_size)
+    if cache is not None:
+        cache = Path(cache)
+        model_fp, data_fp = model_fingerprint(model), data_fingerprint(batches())
+        if cache.is_file():
+            cached = _load_cache(cache, model_fp, data_fp)
+            if cached is not None:
+                logger.info("reference log-probs loaded from %s", cache)
+                return cached
+
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        from tqdm.auto import tqdm
+
+        total = -(-len(data) // batch_size) if not isinstance(data, DataLoader) else None
+        for batch in tqdm(batches(), total=total, desc="reference log-probs", disable=not progress):
+            out = concatenated_forward(
+                model, to_device(batch, device), layout=layout, grad=False, check=check, backend=backend
+            )
+            chosen.append(out.chosen_logps.float().cpu())
+            rejected.append(out.rejected_logps.float().cpu())
+    finally:
+        model.train(was_training)
+    if not chosen:
+        raise ValueError("data holds no examples")
+    result = ReferenceLogps(torch.cat(chosen), torch.cat(rejected))
+
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        torch.save(
+            {"format": CACHE_FORMAT, "model": model_fp, "data": data_fp, **result._asdict()},
+            tmp,
+        )
+        tmp.replace(cache)  # atomic: an interrupted save never leaves a half-written cache
+    return result
