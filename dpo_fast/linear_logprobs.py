@@ -29,11 +29,14 @@ from .backends import resolve_backend
 from .logprobs import _implementation, sequence_sums
 from .validation import check_labels, check_linear_head, check_stats, check_transform
 
-# Upper bound on one (chunk, V) logits tile, in bytes. On a GPU the matmul needs many rows
-# to run near peak (1024 rows of a 128k bf16 vocabulary); on a CPU a tile that stays near
-# the caches is as fast and keeps the working set small.
-TILE_BYTES = {"cuda": 256 << 20}
-DEFAULT_TILE_BYTES = 16 << 20
+# Upper bound on one (chunk, V) logits tile, in bytes; the only [*, V] buffer alive.
+# GPU: every chunk adds its product into the fp32 (V, H) weight-gradient accumulator, which
+# cuBLAS reads and writes once per chunk (4.2 GB for a 128k x 4096 head); below ~2048 tokens
+# per chunk that traffic, not the FLOPs, bounds the matmul on an H100. 512 MiB is 2048 tokens
+# of a 128k bf16 vocabulary. CPU: the matmuls lose efficiency below a few hundred rows (the
+# 2048 x 512 x 32000 fp32 target runs fastest at 512 rows = 64 MiB of the sizes measured).
+TILE_BYTES = {"cuda": 512 << 20}
+DEFAULT_TILE_BYTES = 64 << 20
 
 
 def chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:

@@ -345,9 +345,10 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_no_tokens_by_vocab_tensor(backend):
-    """With the default chunking, no tensor of tokens x V elements exists in forward or
-    backward: every op's output is at most one tile (chunk x V), the weight, or the hidden."""
+def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
+    """No tensor of tokens x V elements exists in forward or backward: every op's output is
+    at most one tile (chunk x V, chunk from the tile budget), the weight, or the hidden."""
+    monkeypatch.setattr(linear, "DEFAULT_TILE_BYTES", 8 << 20)
     tokens, hidden_size, vocab_size = 4096, 32, 8192
     hidden, weight, bias = make_head((2, tokens // 2), hidden_size, vocab_size, bias=True)
     labels = make_labels((2, tokens // 2), vocab_size, ignore_frac=0.0)
