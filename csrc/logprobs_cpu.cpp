@@ -1,14 +1,16 @@
 // Label log-probs from logits on CPU: the C++ twin of kernels/logprobs.py.
 //
-// Forward reads each row of logits once, chunk by chunk: a chunk is transformed into an
-// L1-resident fp32 buffer (z = softcap(x * scale)), its maximum updates the running maximum
-// of an online log-sum-exp, then exp(z - max) is summed from the buffer. O(1) values per
-// token are written. Backward reads the row once more and writes g * (onehot - softmax) *
-// dz/dx straight into the gradient, which may be the logits' own storage.
+// Forward reads each row of logits once, in chunks of kChunk logits: a first pass over the
+// chunk (fresh from memory) finds its maximum, which updates the running maximum of an online
+// log-sum-exp; a second pass (from L1) sums exp(z - max). O(1) values per token are written.
+// Backward reads the row once more and writes g * (onehot - softmax) * dz/dx straight into
+// the gradient, which may be the logits' own storage.
 //
 // Rows run in parallel (at::parallel_for); each row is reduced by one thread in a fixed
 // order (vector lanes, then lanes left to right), so results do not depend on the number of
 // threads. The math is dpo_fast/reference.py's; its comments explain the formulas.
+//
+// Built just in time by dpo_fast/cpp.py for the machine's vector ISA (CPU_CAPABILITY).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,7 +30,6 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
-#include <unistd.h>
 #endif
 
 namespace dpo_fast {
@@ -48,20 +49,9 @@ struct Transform {
   bool has_softcap;
   float softcap;
 
-  // z = softcap(x * scale). tanh(|v|) = -t / (2 + t) with t = expm1(-2|v|): one exp-like
-  // call, no cancellation for small |v|, and it saturates cleanly at +-inf.
-  Vec z(const Vec& x) const {
-    Vec u = x * Vec(scale);
-    if (!has_softcap) {
-      return u;
-    }
-    Vec v = u / Vec(softcap);
-    Vec t = (v.abs() * Vec(-2.0f)).expm1();
-    Vec tanh_abs = t.neg() / (t + Vec(2.0f));
-    return (tanh_abs * Vec(softcap)) ^ (v & Vec(-0.0f));
-  }
-
-  // dz/dx = scale * (1 - tanh(v)^2) = scale * 4 e / (1 + e)^2 with e = exp(-2|v|) = 1 + t.
+  // z = softcap(x * scale) and dz/dx. tanh(|v|) = -t / (2 + t) with t = expm1(-2|v|): one
+  // exp-like call, no cancellation for small |v|, clean saturation at +-inf; and
+  // 1 - tanh(v)^2 = 4 e / (1 + e)^2 with e = exp(-2|v|) = 1 + t.
   void z_and_derivative(const Vec& x, Vec& z, Vec& dz_dx) const {
     Vec u = x * Vec(scale);
     if (!has_softcap) {
@@ -76,6 +66,13 @@ struct Transform {
     dz_dx = Vec(4.0f * scale) * (t + Vec(1.0f)) / (two_plus_t * two_plus_t);
   }
 
+  // z alone (the compiler drops the unused derivative).
+  Vec z(const Vec& x) const {
+    Vec z_value, unused;
+    z_and_derivative(x, z_value, unused);
+    return z_value;
+  }
+
   // The derivative at one logit, computed by the vector code so it matches it exactly.
   float derivative_at(float x) const {
     Vec z, dz_dx;
@@ -83,6 +80,53 @@ struct Transform {
     float lanes[kLanes];
     dz_dx.store(lanes);
     return lanes[0];
+  }
+};
+
+// The softmax denominator, summed in fp64 lanes. When the label holds nearly all the mass,
+// 1 - p_y lives in the low bits of a sum that starts at exp(0) = 1: fp32 lanes that add
+// thousands of tiny terms to that 1 (each rounded to a multiple of 2^-23) lose percents of
+// it, and with it the target gradient. fp64 keeps it to ~1e-16 for any vocabulary size.
+struct DoubleSum {
+  using VecD = at::vec::Vectorized<double>;
+  static_assert(2 * VecD::size() == kLanes, "a float vector splits into two double vectors");
+  VecD low{0.0}, high{0.0};
+
+  void add(const Vec& e) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 v = e;
+    low = low + VecD(_mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    high = high + VecD(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 v = e;
+    low = low + VecD(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    high = high + VecD(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#else
+    float lanes[kLanes];
+    e.store(lanes);
+    double widened[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) {
+      widened[i] = lanes[i];
+    }
+    low = low + VecD::loadu(widened);
+    high = high + VecD::loadu(widened + VecD::size());
+#endif
+  }
+
+  void scale(double alpha) {
+    low = low * VecD(alpha);
+    high = high * VecD(alpha);
+  }
+
+  double total() const {
+    double lanes[kLanes];
+    low.store(lanes);
+    high.store(lanes + VecD::size());
+    double sum = 0.0;
+    for (int64_t i = 0; i < kLanes; ++i) {
+      sum += lanes[i];
+    }
+    return sum;
   }
 };
 
@@ -168,43 +212,40 @@ RowResult forward_row(
     float* z_buffer) {
   float m = kNegInf;  // running maximum
   float m_shift = 0.0f;  // what exps are taken relative to: m, or 0 while m is -inf
-  Vec sum_exp(0.0f), sum_exp_z(0.0f), sum_exp_sq(0.0f), sum_z(0.0f);
+  DoubleSum sum_exp;
+  Vec sum_exp_z(0.0f), sum_exp_sq(0.0f), sum_z(0.0f);
   float z_label = 0.0f;
   float max_before_label = kNegInf;
+  // Without softcap z = x * scale is recomputed where needed (one multiply); with it, the
+  // tanh is paid once and z is kept in z_buffer for the second pass over the chunk.
+  const bool keep_z = transform.has_softcap;
+  const Vec scale(transform.scale);
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
     const float* src = load_chunk(x + start * stride, stride, n, x_buffer);
+    // exactly the value the vector code computes, so ties with the maximum are exact
+    const auto z_at = [&](int64_t j) { return keep_z ? z_buffer[j] : src[j] * transform.scale; };
+
     Vec chunk_max(kNegInf);
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      Vec z = transform.z(Vec::loadu(src + i));
-      z.store(z_buffer + i);
-      chunk_max = at::vec::maximum(chunk_max, z);
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const int64_t count = std::min(kLanes, n - i);
+      // missing lanes of a partial vector load as 0 and transform to 0: harmless in sum_z
+      Vec z = transform.z(Vec::loadu(src + i, count));
+      if (keep_z) {
+        z.store(z_buffer + i, count);
+      }
       if constexpr (kStats) {
         sum_z += z;
       }
+      chunk_max = at::vec::maximum(chunk_max, count == kLanes ? z : Vec::set(Vec(kNegInf), z, count));
     }
-    if (i < n) {
-      // the missing lanes load as 0 and transform to 0: harmless in sum_z
-      Vec z = transform.z(Vec::loadu(src + i, n - i));
-      if constexpr (kStats) {
-        sum_z += z;
-      }
-      // pad the last vector with -inf: exp gives 0 there, the maximum ignores it
-      z = Vec::set(Vec(kNegInf), z, n - i);
-      z.store(z_buffer + i);
-      chunk_max = at::vec::maximum(chunk_max, z);
-      i += kLanes;
-    }
-    const int64_t n_padded = i;
     const float chunk_max_value = max_lanes(chunk_max);
 
     if (label >= start && label < start + n) {
-      // read back from the buffer: exactly the value the sums see, so ties are exact
-      z_label = z_buffer[label - start];
+      z_label = z_at(label - start);
       if constexpr (kStats) {
         for (int64_t j = 0; j < label - start; ++j) {
-          max_before_label = max_nan(z_buffer[j], max_before_label);
+          max_before_label = max_nan(z_at(j), max_before_label);
         }
       }
     } else if (kStats && label >= start + n) {
@@ -215,21 +256,26 @@ RowResult forward_row(
     if (!(m_new == m)) {
       const float shift_new = m_new == kNegInf ? 0.0f : m_new;
       // m = -inf: nothing summed yet, alpha = 0 (not exp(0 - shift), which may overflow)
-      const Vec alpha(std::exp(m - shift_new));
-      sum_exp = sum_exp * alpha;
+      const float alpha = std::exp(m - shift_new);
+      sum_exp.scale(alpha);
       if constexpr (kStats) {
-        sum_exp_z = sum_exp_z * alpha;
-        sum_exp_sq = sum_exp_sq * alpha * alpha;
+        sum_exp_z = sum_exp_z * Vec(alpha);
+        sum_exp_sq = sum_exp_sq * Vec(alpha * alpha);
       }
       m = m_new;
       m_shift = shift_new;
     }
 
     const Vec shift(m_shift);
-    for (int64_t j = 0; j < n_padded; j += kLanes) {
-      Vec z = Vec::loadu(z_buffer + j);
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const int64_t count = std::min(kLanes, n - i);
+      Vec z = keep_z ? Vec::loadu(z_buffer + i, count) : Vec::loadu(src + i, count) * scale;
+      if (count < kLanes) {
+        // pad with -inf: exp gives 0 there
+        z = Vec::set(Vec(kNegInf), z, count);
+      }
       Vec e = (z - shift).exp();
-      sum_exp += e;
+      sum_exp.add(e);
       if constexpr (kStats) {
         // a -inf logit has e = 0 and contributes 0 to sum p * z, not 0 * -inf = nan
         sum_exp_z += Vec::blendv(Vec(0.0f), e * z, e > Vec(0.0f));
@@ -239,13 +285,13 @@ RowResult forward_row(
   }
 
   RowResult r{};
-  const float total_exp = sum_lanes(sum_exp);
-  const float log_sum_exp = std::log(total_exp);
+  const double total_exp = sum_exp.total();
+  const float log_sum_exp = static_cast<float>(std::log(total_exp));
   // (z_y - max) - log(sum_exp), not z_y - lse: exact when y is the arg-max (see reference.py)
   r.logp = (z_label - m_shift) - log_sum_exp;
   r.lse = m_shift + log_sum_exp;
   if constexpr (kStats) {
-    r.entropy = r.lse - sum_lanes(sum_exp_z) / total_exp;
+    r.entropy = r.lse - sum_lanes(sum_exp_z) / static_cast<float>(total_exp);
     r.mean_logits = sum_lanes(sum_z) / static_cast<float>(V);
     // the first index wins ties: top-1 iff it reaches the max and no earlier logit does
     r.is_top1 = z_label >= m && z_label > max_before_label;

@@ -1,0 +1,167 @@
+"""CPU: the C++ kernels (backend="cpp") against PyTorch and TRL, forward+backward, fp32.
+
+Two measurements, each method timed round-robin in the same run (one call of each per round,
+so load from other processes on a shared machine hits every method alike):
+
+1. label log-probs from logits ``(batch, seq, V)``, gradient w.r.t. the logits:
+   dpo_fast (cpp), dpo_fast (torch backend), ``log_softmax`` + ``gather``, and TRL's
+   ``selective_log_softmax`` (which loops over the batch dim);
+2. the fused linear path from hidden states ``(N, H)`` and an lm_head ``(V, H)``, gradient
+   w.r.t. both: dpo_fast ``linear_token_logprobs`` (cpp, torch), the naive matmul +
+   ``log_softmax`` + ``gather``, and TRL's ``ChunkedLogProbFunction`` (its CPU path folds
+   the tiles in torch).
+
+Prints a table with each method's median and its ratio to dpo_fast (cpp), and writes
+``benchmarks/results/bench_cpu-cpu.json``.
+
+Usage: ``python benchmarks/bench_cpu.py [--repeats 5] [--seq 256] [--skip-linear]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+import dpo_fast
+from dpo_fast import cpp
+
+try:
+    from common import median, print_table, write_results
+except ImportError:  # run as a module: python -m benchmarks.bench_cpu
+    from .common import median, print_table, write_results
+
+LOGITS_SIZES = [(2048, 32000), (512, 128256)]  # (tokens, V)
+LINEAR_SIZE = (2048, 512, 32000)  # (N, H, V)
+OURS = "dpo_fast (cpp)"
+
+
+def log_softmax_gather(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def logits_methods() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    found: dict[str, Callable] = {
+        OURS: lambda x, y: dpo_fast.token_logprobs(x, y, backend="cpp"),
+        "dpo_fast (torch)": lambda x, y: dpo_fast.token_logprobs(x, y, backend="torch"),
+        "log_softmax+gather": log_softmax_gather,
+    }
+    try:
+        from trl.trainer.utils import selective_log_softmax
+
+        found["trl selective_log_softmax"] = selective_log_softmax
+    except ImportError:
+        pass
+    return found
+
+
+def linear_methods() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    found: dict[str, Callable] = {
+        OURS: lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, backend="cpp"),
+        "dpo_fast (torch)": lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, backend="torch"),
+        "matmul+log_softmax+gather": lambda h, w, y: log_softmax_gather(h @ w.t(), y),
+    }
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+
+        def trl_chunked(h, w, y):
+            # TRL's defaults: 32k-wide vocabulary tiles, log-probs only
+            return ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 32768, None, 1.0, ())[0]
+
+        found["trl ChunkedLogProbFunction"] = trl_chunked
+    except ImportError:
+        pass
+    return found
+
+
+def round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each step: one warm-up each, then ``repeats`` rounds of one call each."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def logits_step(fn, logits: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    def step():
+        logits.grad = None
+        fn(logits, labels).sum().backward()
+
+    return step
+
+
+def linear_step(fn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    def step():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, labels).sum().backward()
+
+    return step
+
+
+def summarize(times: dict[str, list[float]], config: dict) -> list[dict]:
+    ours = median(times[OURS])
+    rows = []
+    for name, values in times.items():
+        rows.append(
+            {
+                **config,
+                "method": name,
+                "median_s": median(values),
+                "min_s": min(values),
+                "slowdown_vs_cpp": median(values) / ours,
+                "times_s": values,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seq", type=int, default=256, help="sequence length; batch = tokens // seq")
+    parser.add_argument("--skip-linear", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    if not cpp.available():
+        raise SystemExit("the C++ kernels could not be built: nothing to benchmark")
+    torch.manual_seed(0)
+    rows: list[dict] = []
+
+    for tokens, vocab in LOGITS_SIZES:
+        seq = min(args.seq, tokens)
+        logits = torch.randn(tokens // seq, seq, vocab).requires_grad_()
+        labels = torch.randint(0, vocab, (tokens // seq, seq))
+        steps = {name: logits_step(fn, logits, labels) for name, fn in logits_methods().items()}
+        config = {"case": "logits", "tokens": tokens, "vocab": vocab, "shape": list(logits.shape)}
+        rows += summarize(round_robin(steps, args.repeats), config)
+        del logits, steps
+
+    if not args.skip_linear:
+        n, hidden_size, vocab = LINEAR_SIZE
+        hidden = (torch.randn(n, hidden_size) / hidden_size**0.25).requires_grad_()
+        weight = (torch.randn(vocab, hidden_size) / hidden_size**0.25).requires_grad_()
+        labels = torch.randint(0, vocab, (n,))
+        steps = {name: linear_step(fn, hidden, weight, labels) for name, fn in linear_methods().items()}
+        config = {"case": "linear", "tokens": n, "hidden": hidden_size, "vocab": vocab}
+        rows += summarize(round_robin(steps, args.repeats), config)
+
+    print(f"forward+backward, fp32, {torch.get_num_threads()} threads, median of {args.repeats} (seconds)")
+    print_table(rows, ["case", "tokens", "vocab", "method", "median_s", "min_s", "slowdown_vs_cpp"])
+    path = write_results(
+        "bench_cpu",
+        device,
+        {"repeats": args.repeats, "seq": args.seq, "threads": torch.get_num_threads()},
+        rows,
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
