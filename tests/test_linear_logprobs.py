@@ -126,6 +126,20 @@ def test_all_tokens_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_shift_of_one_token(backend):
+    hidden, weight, bias = make_head((0, 5), 8, 30, bias=True)
+    logps, counts = dpo_fast.linear_sequence_logprobs(
+        hidden, weight, torch.zeros(0, 5, dtype=torch.long), bias=bias, backend=backend
+    )
+    assert logps.shape == (0,) and counts.shape == (0,)
+    logps.sum().backward()
+    assert hidden.grad.shape == hidden.shape and (weight.grad == 0).all()
+    hidden, weight, _ = make_head((2, 1), 8, 30)
+    out = dpo_fast.linear_token_logprobs(hidden, weight, torch.ones(2, 1, dtype=torch.long), shift=True)
+    assert out.shape == (2, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_token_and_custom_ignore_index(backend):
     hidden, weight, _ = make_head((1,), 8, 7)  # (T=1, H): no batch dims
     check_against_oracle(hidden, weight, None, torch.tensor([3]), backend)
@@ -452,9 +466,9 @@ def test_operands_on_different_devices():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_real_sizes_on_gpu(backend):
-    """Llama-3-like head at 4k tokens, bf16: values and gradients vs an fp32 materialized
-    reference, and peak memory far below one [tokens, V] bf16 logits tensor."""
-    tokens, hidden_size, vocab_size = 4096, 4096, 128256
+    """Llama-3-like head at 8k tokens, bf16: values vs an fp32 materialized reference, and
+    peak memory far below one [tokens, V] bf16 logits tensor."""
+    tokens, hidden_size, vocab_size = 8192, 4096, 128256
     device = "cuda"
     hidden = (torch.randn(tokens, hidden_size, device=device) * 0.5).bfloat16().requires_grad_()
     weight = (torch.randn(vocab_size, hidden_size, device=device) * 0.02).bfloat16().requires_grad_()
@@ -467,10 +481,14 @@ def test_real_sizes_on_gpu(backend):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     logits_bytes = tokens * vocab_size * 2
-    # beyond the weight gradient (fp32 accumulator + bf16 result): one tile and O(tokens x H)
+    # beyond the weight gradient (fp32 accumulator + bf16 result): one 512 MiB tile and O(tokens x H)
     assert extra - weight.numel() * 6 < logits_bytes // 2
     sample = slice(0, 256)
     with torch.no_grad():
         logits = hidden[sample].float() @ weight.float().T
         expected = dense_token_logprobs(logits, labels[sample])
+        one_hot = torch.nn.functional.one_hot(labels[sample], vocab_size).float()
+        expected_grad = (one_hot - logits.softmax(-1)) @ weight.float()
     torch.testing.assert_close(out[sample], expected, atol=5e-2, rtol=0)
+    scale = expected_grad.abs().max().item()
+    torch.testing.assert_close(hidden.grad[sample].float(), expected_grad, atol=2e-2 * scale, rtol=0)
