@@ -362,8 +362,8 @@ class LargestTensor(TorchDispatchMode):
 def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
     """No tensor of tokens x V elements exists in forward or backward: every op's output is
     at most one tile (chunk x V, chunk from the tile budget), the weight, or the hidden."""
-    monkeypatch.setattr(linear, "DEFAULT_TILE_BYTES", 8 << 20)
-    tokens, hidden_size, vocab_size = 4096, 32, 8192
+    monkeypatch.setattr(linear, "DEFAULT_TILE_BYTES", 2 << 20)
+    tokens, hidden_size, vocab_size = 2048, 16, 4096
     hidden, weight, bias = make_head((2, tokens // 2), hidden_size, vocab_size, bias=True)
     labels = make_labels((2, tokens // 2), vocab_size, ignore_frac=0.0)
     chunk = linear.chunk_rows(vocab_size, torch.float32, torch.device("cpu"))
