@@ -6,6 +6,7 @@ and without our head, same seed, and the logged per-step metrics must agree.
 """
 
 import copy
+import functools
 import math
 
 import pytest
@@ -64,6 +65,20 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(fast_trl, "linear_token_logprobs", counting)
     return calls
+
+
+@pytest.fixture
+def lowered(monkeypatch):
+    """The layouts our head re-laid batches out to (proof that a layout path ran)."""
+    layouts = []
+    lower = fast_trl.lower_batch
+
+    def recording(batch, layout, *args):
+        layouts.append(layout)
+        return lower(batch, layout, *args)
+
+    monkeypatch.setattr(fast_trl, "lower_batch", recording)
+    return layouts
 
 
 def random_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -144,6 +159,63 @@ def test_head_all_positions_ignored_gives_connected_zero(tokenizer):
     assert model.lm_head.weight.grad is not None and not model.lm_head.weight.grad.any()
 
 
+def preference_batch(vocab_size: int, pairs: int = 3):
+    """TRL's padded layout: B chosen rows then B rejected rows, [prompt | completion | pad]."""
+    rows, prompts = [], []
+    for _ in range(pairs):
+        prompts.append(torch.randint(2, vocab_size, (int(torch.randint(1, 6, ())),)))
+    for _ in range(2):
+        for prompt in prompts:
+            completion = torch.randint(2, vocab_size, (int(torch.randint(1, 6, ())),))
+            rows.append((prompt, completion))
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (prompt, completion) in enumerate(rows):
+        n, m = len(prompt), len(completion)
+        input_ids[i, : n + m] = torch.cat([prompt, completion])
+        attention_mask[i, : n + m] = 1
+        labels[i, n : n + m] = completion
+    return input_ids, attention_mask, labels
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_head_layouts_match_trl_head(tokenizer, kernel_calls, lowered, layout):
+    model = tiny_llama(tokenizer)
+    theirs = copy.deepcopy(model)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    fast_trl.add_fused_lm_head(model, outputs=outputs, layout=layout)
+    trl_add_fused_lm_head(theirs, outputs=outputs)
+    input_ids, attention_mask, labels = preference_batch(model.config.vocab_size)
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "fused_lm_head": True,
+    }
+    ours_out, theirs_out = model(**kwargs), theirs(**kwargs)
+    assert kernel_calls and lowered == [layout]
+    for field in FIELDS:
+        a, b = getattr(ours_out, field), getattr(theirs_out, field)
+        if b is None:  # not requested
+            assert a is None, field
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, field
+        if a.dtype == torch.bool:
+            assert (a != b).float().mean() <= 0.05, field
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=field)
+    weights = torch.randn_like(ours_out.log_probs)
+    (ours_out.log_probs * weights).sum().backward()
+    (theirs_out.log_probs * weights).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # what a re-laid-out batch cannot carry is refused, not ignored
+    with pytest.raises(NotImplementedError, match="position_ids"):
+        model(**kwargs, position_ids=torch.arange(input_ids.shape[1]).expand_as(input_ids))
+
+
 def test_unknown_output_name_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="logps"):
         fast_trl.add_fused_lm_head(tiny_llama(tokenizer), outputs=("log_probs", "logps"))
@@ -167,9 +239,11 @@ def test_patch_unpatch_and_context():
         fast_trl.patch()
         fast_trl.patch()  # idempotent
         assert module.add_fused_lm_head is fast_trl.add_fused_lm_head
-        with fast_trl.patched():
-            assert module.add_fused_lm_head is fast_trl.add_fused_lm_head
+        with fast_trl.patched("packed"):
+            assert module.add_fused_lm_head.keywords == {"layout": "packed"}
         assert module.add_fused_lm_head is fast_trl.add_fused_lm_head, "patched() must keep an outer patch"
+        with pytest.raises(ValueError, match="layout"):
+            fast_trl.patch("ragged")
     finally:
         fast_trl.unpatch()
     fast_trl.unpatch()  # idempotent
@@ -212,6 +286,35 @@ def train_trl(trainer_cls, pairs, tokenizer, tmp_path, seed, **dpo_args) -> list
     return logs
 
 
+SEED = 20240601
+
+
+@pytest.fixture(scope="module")
+def trl_logs(pairs, tokenizer, tmp_path_factory):
+    """TRL's own per-step logs for a set of DPO arguments, computed once per module."""
+    done = {}
+
+    def logs(**dpo_args):
+        key = repr(sorted(dpo_args.items()))
+        if key not in done:
+            directory = tmp_path_factory.mktemp("trl")
+            done[key] = train_trl(trl.DPOTrainer, pairs, tokenizer, directory, SEED, **dpo_args)
+        return done[key]
+
+    return logs
+
+
+def assert_logs_match(ours, reference):
+    for step, (theirs, mine) in enumerate(zip(reference, ours, strict=True), start=1):
+        for metric in METRICS:
+            a, b = mine[metric], theirs[metric]
+            # relative 1e-4. Rewards are beta times differences of log-prob sums of size ~100,
+            # whose fp32 rounding (~1e-5) is all that is left where a reward is near 0
+            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"step {step} {metric}: {a} vs TRL {b}"
+    # training did something, so the comparison is not between two constants
+    assert reference[-1]["rewards/margins"] != reference[0]["rewards/margins"]
+
+
 @pytest.mark.parametrize(
     "dpo_args",
     [
@@ -222,19 +325,22 @@ def train_trl(trainer_cls, pairs, tokenizer, tmp_path, seed, **dpo_args) -> list
     ],
     ids=["sigmoid", "ipo", "sigmoid+bco_pair", "sigmoid-precomputed-ref"],
 )
-def test_dpo_trainer_steps_match_trl(pairs, tokenizer, tmp_path, kernel_calls, dpo_args):
-    seed = torch.initial_seed() % 2**31
-    reference = train_trl(trl.DPOTrainer, pairs, tokenizer, tmp_path / "trl", seed, **dpo_args)
-    assert not kernel_calls
-    ours = train_trl(fast_trl.FastDPOTrainer, pairs, tokenizer, tmp_path / "fast", seed, **dpo_args)
+def test_dpo_trainer_steps_match_trl(pairs, tokenizer, tmp_path, kernel_calls, trl_logs, dpo_args):
+    reference = trl_logs(**dpo_args)
+    ours = train_trl(fast_trl.FastDPOTrainer, pairs, tokenizer, tmp_path, SEED, **dpo_args)
     assert True in kernel_calls, "FastDPOTrainer did not run our kernel for the policy"
     assert False in kernel_calls, "... nor for the reference (or its precompute)"
     assert trl.trainer.dpo_trainer.add_fused_lm_head is trl_add_fused_lm_head, "the patch leaked"
-    for step, (theirs, mine) in enumerate(zip(reference, ours, strict=True), start=1):
-        for metric in METRICS:
-            a, b = mine[metric], theirs[metric]
-            # relative 1e-4. Rewards are beta times differences of log-prob sums of size ~100,
-            # whose fp32 rounding (~1e-5) is all that is left where a reward is near 0
-            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"step {step} {metric}: {a} vs TRL {b}"
-    # training did something, so the comparison is not between two constants
-    assert reference[-1]["rewards/margins"] != reference[0]["rewards/margins"]
+    assert_logs_match(ours, reference)
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_fast_dpo_trainer_layouts_match_trl(
+    pairs, tokenizer, tmp_path, kernel_calls, lowered, trl_logs, layout
+):
+    """TRL 1.16 has no padding-free DPO; FastDPOTrainer(layout=...) gives the same steps."""
+    reference = trl_logs(loss_type=["sigmoid"])
+    trainer = functools.partial(fast_trl.FastDPOTrainer, layout=layout)
+    ours = train_trl(trainer, pairs, tokenizer, tmp_path, SEED, loss_type=["sigmoid"])
+    assert kernel_calls and set(lowered) == {layout}
+    assert_logs_match(ours, reference)

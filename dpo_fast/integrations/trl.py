@@ -38,6 +38,10 @@ from packaging.version import Version
 from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
+from ..data import check_layout
+from ..hf.check import self_check
+from ..hf.forward import lower_batch
+from ..hf.model import HeadTransform, find_backbone, find_head, run_backbone
 from ..linear_logprobs import linear_token_logprobs
 from ..reference import STAT_NAMES
 
@@ -104,6 +108,8 @@ def add_fused_lm_head(
     temperature: float = 1.0,
     cast_lm_head_to_fp32: bool = False,
     outputs: tuple[str, ...] = ("log_probs",),
+    *,
+    layout: str = "padded",
 ) -> None:
     """TRL's ``trl.trainer.utils.add_fused_lm_head`` (same signature and contract), on our kernels.
 
@@ -121,7 +127,14 @@ def add_fused_lm_head(
         temperature: the logits are divided by it.
         cast_lm_head_to_fp32: run the head in float32, outside autocast.
         outputs: ``"log_probs"`` plus any of :data:`dpo_fast.STAT_NAMES`.
+        layout: ``"padded"`` runs TRL's ``[2B, T]`` batch as it is. ``"packed"`` (padding-free)
+            and ``"prefix_shared"`` (each pair's prompt once) re-lay the batch out on the host,
+            run the backbone on that (``dpo_fast.hf``; verified once against the model's own
+            logits) and scatter the per-token results back to TRL's ``[2B, T-1]`` positions,
+            so TRL sees the same output. Text batches with ``input_ids``/``attention_mask``
+            only; not with MoE router losses or pre-shifted ``shift_labels``.
     """
+    check_layout(layout)
     unknown = [name for name in outputs if name != "log_probs" and name not in STAT_NAMES]
     if unknown:
         raise ValueError(f"outputs must be 'log_probs' or names from {STAT_NAMES}, got unknown {unknown}")
@@ -142,23 +155,35 @@ def add_fused_lm_head(
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        # looked up on every call: PEFT and FSDP replace the backbone and head after patching
-        backbone_outputs = self.base_model(*args, **kwargs)
-        hidden = backbone_outputs.last_hidden_state
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards the head
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        backbone_outputs = None
+        if layout == "padded":
+            # looked up on every call: PEFT and FSDP replace the backbone and head after patching
+            backbone_outputs = self.base_model(*args, **kwargs)
+            hidden = backbone_outputs.last_hidden_state
+            if shift_labels is None:
+                hidden, labels = hidden[:, :-1], labels[:, 1:]
+            else:
+                labels = shift_labels
+            hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+            mask = labels != -100
+        else:
+            hidden, labels, mask = _relaid_rows(
+                self, layout, args, kwargs, labels, shift_labels, softcap, logit_scale
+            )
         per_token = _score(
             hidden, weight, bias, labels, temperature, softcap, logit_scale, stats, cast_lm_head_to_fp32
         )
-        mask = labels != -100
+        if layout != "padded":
+            # masked_scatter keeps an all-ignored batch connected to the graph: a differentiable zero
+            per_token = {
+                name: value.new_zeros(mask.shape).masked_scatter(mask, value)
+                for name, value in per_token.items()
+            }
         log_probs = per_token.pop("log_probs")
         divisor = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / divisor
@@ -171,6 +196,46 @@ def add_fused_lm_head(
         )
 
     model.forward = types.MethodType(fused_forward, model)
+
+
+# what a re-laid-out batch is made of (TRL passes use_cache=False)
+_LAYOUT_INPUTS = ("input_ids", "attention_mask", "use_cache")
+
+
+def _relaid_rows(
+    model, layout: str, args: tuple, kwargs: dict, labels, shift_labels, softcap, logit_scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``packed`` / ``prefix_shared``: ``(rows (N, H), labels (N,), mask (2B, T-1))``, the
+    hidden states predicting the N scored tokens, in the row-major order of ``mask``."""
+    unsupported = [k for k, v in kwargs.items() if v is not None and k not in _LAYOUT_INPUTS]
+    unsupported += ["positional arguments"] * bool(args) + ["shift_labels"] * (shift_labels is not None)
+    if unsupported:
+        raise NotImplementedError(
+            f"layout={layout!r} takes text batches ({', '.join(_LAYOUT_INPUTS[:2])}, labels) only; "
+            f"got {', '.join(unsupported)}"
+        )
+    input_ids = kwargs["input_ids"]
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": (labels != -100).long(),
+    }
+    linear, _ = find_head(model)
+    backbone = find_backbone(model)
+    plan = lower_batch(batch, layout, model.config.get_text_config(), linear.weight.dtype)
+    self_check(model, backbone, linear, [HeadTransform(logit_scale, softcap)], plan)
+    rows = run_backbone(backbone, plan.inputs).index_select(0, plan.source)
+    mask = (labels[:, 1:] != -100) & (attention_mask[:, 1:] != 0)
+    # the plan lists the scored tokens by sequence (= TRL's row), then position: mask's order
+    if rows.shape[0] != int(mask.sum()):
+        raise ValueError(
+            f"layout={layout!r}: {rows.shape[0]} scored tokens after re-laying the batch out, "
+            f"{int(mask.sum())} in TRL's labels"
+        )
+    return rows, plan.labels, mask
 
 
 def _score(
@@ -224,17 +289,22 @@ def _refuse_zero3() -> None:
 _trl_add_fused_lm_head = None  # TRL's function while patched
 
 
-def patch() -> None:
-    """Make every ``trl.DPOTrainer`` built from now on use our fused head (idempotent).
+def patch(layout: str = "padded") -> None:
+    """Make every ``trl.DPOTrainer`` built from now on use our fused head.
+
+    Args:
+        layout: see :func:`add_fused_lm_head`; ``"padded"`` is TRL's own.
 
     Raises:
         RuntimeError: the installed TRL is not one of :data:`SUPPORTED_TRL`.
     """
     global _trl_add_fused_lm_head
     check_trl_version()
+    check_layout(layout)
     if _trl_add_fused_lm_head is None:
         _trl_add_fused_lm_head = _dpo_module.add_fused_lm_head
-        _dpo_module.add_fused_lm_head = add_fused_lm_head
+    head = add_fused_lm_head if layout == "padded" else functools.partial(add_fused_lm_head, layout=layout)
+    _dpo_module.add_fused_lm_head = head
 
 
 def unpatch() -> None:
@@ -247,24 +317,29 @@ def unpatch() -> None:
 
 
 @contextlib.contextmanager
-def patched() -> Iterator[None]:
-    """``patch()`` for the duration of a ``with`` block, restoring the previous state after."""
+def patched(layout: str = "padded") -> Iterator[None]:
+    """``patch(layout)`` for the duration of a ``with`` block; the previous state after."""
+    previous = _dpo_module.add_fused_lm_head
     was_patched = _trl_add_fused_lm_head is not None
-    patch()
+    patch(layout)
     try:
         yield
     finally:
-        if not was_patched:
+        if was_patched:
+            _dpo_module.add_fused_lm_head = previous
+        else:
             unpatch()
 
 
 class FastDPOTrainer(trl.DPOTrainer):
     """``trl.DPOTrainer`` with dpo_fast's fused head: same arguments, same results.
 
+    One extra keyword: ``layout="packed"`` (padding-free) or ``"prefix_shared"`` (each pair's
+    prompt through the model once), which TRL 1.16 lacks (see :func:`add_fused_lm_head`).
     The head is installed on the policy and reference model when the trainer is built;
     other trainers are left alone.
     """
 
-    def __init__(self, *args, **kwargs):
-        with patched():
+    def __init__(self, *args, layout: str = "padded", **kwargs):
+        with patched(layout):
             super().__init__(*args, **kwargs)
