@@ -98,7 +98,7 @@ class TrainConfig:
         gpu = device.type == "cuda"
         defaults = {
             "model_config": "small" if gpu else "tiny",
-            "steps": 300 if gpu else 80,
+            "steps": 300 if gpu else 60,
             "batch_size": 32 if gpu else 16,
             "max_length": 512 if gpu else 160,
             "lr": 3e-4 if gpu else 2e-3,
