@@ -361,16 +361,20 @@ def _prepare(config: TrainConfig, device: torch.device, log: Callable[[str], Non
     log(f"model: {what}, {parameters:.2f}M parameters, on {device}, layout {config.layout}")
 
     collator = PreferenceCollator(layout=config.layout, pad_token_id=tokenizer.pad_token_id)
-    reference = precompute_reference_logps(
-        model,
-        examples,
-        layout=config.layout,
-        batch_size=config.batch_size,
-        collator=collator,
-        cache=_reference_cache(config),
-        progress=config.progress,
-        backend=config.backend,
-    )
+    if all(t in REFERENCE_FREE for t in config.loss_type):
+        zeros = torch.zeros(len(examples))  # never read: the loss sees no reference
+        reference = ReferenceLogps(zeros, zeros)
+    else:
+        reference = precompute_reference_logps(
+            model,
+            examples,
+            layout=config.layout,
+            batch_size=config.batch_size,
+            collator=collator,
+            cache=_reference_cache(config),
+            progress=config.progress,
+            backend=config.backend,
+        )
     split = slice(None, num_train), slice(num_train, None)
     return _Run(
         model,
