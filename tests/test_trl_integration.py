@@ -149,6 +149,30 @@ def test_head_shift_labels_num_items_and_plain_forward(tokenizer):
     torch.testing.assert_close(plain.loss, reference.loss)
 
 
+@pytest.mark.parametrize("cast_to_fp32", [False, True])
+def test_head_under_bf16_autocast(tokenizer, cast_to_fp32):
+    """TRL's default on CPU: bf16 autocast with fp32 weights; the head runs in bf16 (or fp32
+    with ``cast_lm_head_to_fp32``) like TRL's, and the weights get fp32 gradients."""
+    model = tiny_llama(tokenizer)
+    theirs = copy.deepcopy(model)
+    fast_trl.add_fused_lm_head(model, cast_lm_head_to_fp32=cast_to_fp32)
+    trl_add_fused_lm_head(theirs, cast_lm_head_to_fp32=cast_to_fp32)
+    input_ids = torch.randint(2, model.config.vocab_size, (2, 12))
+    labels = random_labels(input_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours_out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+        theirs_out = theirs(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert ours_out.log_probs.dtype == torch.float32
+    tolerance = 1e-5 if cast_to_fp32 else 3e-2  # bf16 logits: ~3 significant digits
+    torch.testing.assert_close(ours_out.log_probs, theirs_out.log_probs, rtol=tolerance, atol=tolerance)
+    ours_out.log_probs.sum().backward()
+    theirs_out.log_probs.sum().backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(
+        model.lm_head.weight.grad, theirs.lm_head.weight.grad, rtol=10 * tolerance, atol=10 * tolerance
+    )
+
+
 def test_head_all_positions_ignored_gives_connected_zero(tokenizer):
     model = tiny_llama(tokenizer)
     fast_trl.add_fused_lm_head(model, outputs=("log_probs", "entropy"))

@@ -256,9 +256,12 @@ def _score(
     """
     no_autocast = contextlib.nullcontext()
     if cast_to_fp32:
-        hidden, weight = hidden.float(), weight.float()
-        bias = None if bias is None else bias.float()
+        hidden = hidden.float()
         no_autocast = torch.autocast(hidden.device.type, enabled=False)
+    if cast_to_fp32 or not torch.is_autocast_enabled(hidden.device.type):
+        # TRL computes in the hidden states' dtype (some backbones return fp32 from a half model)
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
     with no_autocast, maybe_gather_lm_head_ctx(weight, bias):
         result = linear_token_logprobs(
             hidden,
