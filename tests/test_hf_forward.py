@@ -398,3 +398,17 @@ def test_lora_on_the_head_is_refused():
     model = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(ValueError, match=r"output embedding of LlamaForCausalLM is a Linear.*plain"):
         concatenated_forward(model, PreferenceCollator()(random_examples(2)))
+
+
+def test_autocast_bf16():
+    """fp32 weights under bf16 autocast (mixed-precision training): the head computes in bf16
+    like F.linear would, log-probs stay fp32 and close to the fp32 result."""
+    model = make_model("llama")
+    batch = PreferenceCollator(layout="packed")(random_examples())
+    exact = concatenated_forward(model, batch, layout="packed", backend="torch", grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = concatenated_forward(model, batch, layout="packed", backend="torch")
+    assert out.chosen_logps.dtype == torch.float32
+    torch.testing.assert_close(out.chosen_logps.detach(), exact.chosen_logps, rtol=5e-2, atol=5e-2)
+    out.chosen_logps.sum().backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32 and model.lm_head.weight.grad.abs().sum() > 0

@@ -194,22 +194,17 @@ def lower_batch(batch: Mapping, layout: str, config, dtype: torch.dtype) -> Plan
 
 
 def _head_inputs(rows: torch.Tensor, head: Head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    weight, bias = head.weight, head.bias
-    if head.transform.vocab_size is not None:
-        weight = weight[: head.transform.vocab_size]
-        bias = None if bias is None else bias[: head.transform.vocab_size]
+    weight, bias = head.projection()
     if rows.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"the backbone's hidden size {rows.shape[-1]} does not match the output embedding's "
             f"weight {tuple(weight.shape)}"
         )
-    dtype = weight.dtype
-    if torch.is_autocast_enabled(rows.device.type):
-        # what F.linear would compute in under autocast
-        dtype = torch.get_autocast_dtype(rows.device.type)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return rows.to(dtype), weight, bias
+    if not torch.is_autocast_enabled(rows.device.type):
+        # some backbones return fp32 hidden states from a half model; the fused head wants one
+        # dtype (under autocast it computes in the autocast dtype itself)
+        rows = rows.to(weight.dtype)
+    return rows, weight, bias
 
 
 def _per_token(

@@ -47,12 +47,16 @@ class Head:
     bias: torch.Tensor | None
     transform: HeadTransform
 
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``weight`` and ``bias`` cut to the vocabulary the logits keep (views: gradients flow)."""
+        size = self.transform.vocab_size
+        if size is None:
+            return self.weight, self.bias
+        return self.weight[:size], None if self.bias is None else self.bias[:size]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Materialized transformed logits ``(..., V)`` of a few hidden states (the self-check)."""
-        weight, bias = self.weight, self.bias
-        if self.transform.vocab_size is not None:
-            weight = weight[: self.transform.vocab_size]
-            bias = None if bias is None else bias[: self.transform.vocab_size]
+        weight, bias = self.projection()
         z = nn.functional.linear(hidden.to(weight.dtype), weight, bias).float() * self.transform.logit_scale
         if self.transform.softcap is not None:
             z = self.transform.softcap * torch.tanh(z / self.transform.softcap)
