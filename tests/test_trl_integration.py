@@ -173,6 +173,34 @@ def test_head_under_bf16_autocast(tokenizer, cast_to_fp32):
     )
 
 
+def test_head_moe_router_aux_loss_matches_trl():
+    """MoE models that request router logits add TRL's load-balancing loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+    )
+    model = MixtralForCausalLM(config).float()
+    theirs = copy.deepcopy(model)
+    fast_trl.add_fused_lm_head(model)
+    trl_add_fused_lm_head(theirs)
+    input_ids = torch.randint(0, 61, (2, 9))
+    kwargs = {"input_ids": input_ids, "labels": random_labels(input_ids), "fused_lm_head": True}
+    ours_out, theirs_out = model(**kwargs), theirs(**kwargs)
+    assert ours_out.aux_loss is not None and float(ours_out.aux_loss) > 0
+    torch.testing.assert_close(ours_out.aux_loss, theirs_out.aux_loss)
+    torch.testing.assert_close(ours_out.loss, theirs_out.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_head_all_positions_ignored_gives_connected_zero(tokenizer):
     model = tiny_llama(tokenizer)
     fast_trl.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
