@@ -26,7 +26,16 @@ setup(
     # (a CPU build on machines without a GPU, see the Makefile), so pip never swaps it out.
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.46"],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7", "peft>=0.13"],
+        # the tests compare against TRL and Liger themselves, so they are test dependencies
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "peft>=0.13",
+            "trl>=1.15,<1.17",
+            "liger-kernel>=0.8",
+        ],
         # the releases whose fused-head protocol dpo_fast.integrations.trl implements (SUPPORTED_TRL)
         "trl": ["trl>=1.15,<1.17"],
         "peers": ["trl>=1.15,<1.17", "liger-kernel>=0.8", "cut-cross-entropy>=25.1"],
