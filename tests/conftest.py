@@ -31,3 +31,20 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little") >> 1
     print(f"torch seed: {seed}")
     torch.manual_seed(seed)
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every buffer allocated with torch.empty/empty_like starts as NaN (or a nonzero integer),
+    so an element a kernel forgets to write shows up in the results."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))

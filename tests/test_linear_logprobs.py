@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_logprobs import make_labels, poisoned_outputs  # noqa: F401 (a fixture, used by name)
+from helpers import make_labels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpo_fast

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_labels
 
 import dpo_fast
 from dpo_fast.reference import dense_token_logprobs
@@ -18,12 +19,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOGP_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 # Gradients come back in the logits' dtype: one rounding of the result.
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def make_labels(shape, vocab_size, ignore_frac=0.25, ignore_index=-100):
-    labels = torch.randint(0, vocab_size, shape)
-    labels[torch.rand(shape) < ignore_frac] = ignore_index
-    return labels
 
 
 def check_against_reference(logits, labels, backend, atol_scale=1.0, **options):
@@ -45,23 +40,6 @@ def check_against_reference(logits, labels, backend, atol_scale=1.0, **options):
         logits.grad.double(), oracle_input.grad, atol=GRAD_TOL[logits.dtype] * scale * atol_scale, rtol=0
     )
     return ours, logits.grad
-
-
-@pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Every buffer the library allocates with torch.empty/empty_like starts as NaN (or a
-    nonzero integer), so an element a kernel forgets to write shows up in the results."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(7)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -299,18 +299,12 @@ def test_bco_delta_float_or_tensor(backend):
     assert_close(as_float.loss, old.mean(), 1e-5)
 
 
-def test_deterministic_and_writes_every_output(monkeypatch):
+def test_deterministic_and_writes_every_output(request):
     """Two runs give identical bits; outputs allocated uninitialized are all written (the
-    allocator is made to hand out NaN-filled memory)."""
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
+    second run's allocations start as NaN)."""
     kwargs = call_kwargs(["sigmoid", "aot", "sft"], make_pairs(1500))
     first, grads = run("triton", kwargs, reduction="none", grad_output=torch.ones(1500))
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    request.getfixturevalue("poisoned_outputs")
     second, grads2 = run("triton", kwargs, reduction="none", grad_output=torch.ones(1500))
     for a, b in [(first.loss, second.loss), (first.chosen_rewards, second.chosen_rewards)]:
         assert torch.equal(a, b)
