@@ -3,9 +3,11 @@
 Two measurements, each method timed round-robin in the same run (one call of each per round,
 so load from other processes on a shared machine hits every method alike):
 
-1. label log-probs from logits ``(batch, seq, V)``, gradient w.r.t. the logits:
-   dpo_fast (cpp), dpo_fast (torch backend), ``log_softmax`` + ``gather``, and TRL's
-   ``selective_log_softmax`` (which loops over the batch dim);
+1. label log-probs from logits ``(tokens, V)`` (or ``(tokens // seq, seq, V)`` with ``--seq``),
+   gradient w.r.t. the logits: dpo_fast (cpp), dpo_fast (torch backend), ``log_softmax`` +
+   ``gather``, and TRL's ``selective_log_softmax`` (which loops over the first dim). Plus
+   "cpp kernels only": the two operators with a preallocated gradient, no autograd: the
+   difference to the full step is mostly first-touch page faults of the fresh gradient;
 2. the fused linear path from hidden states ``(N, H)`` and an lm_head ``(V, H)``, gradient
    w.r.t. both: dpo_fast ``linear_token_logprobs`` (cpp, torch), the naive matmul +
    ``log_softmax`` + ``gather``, and TRL's ``ChunkedLogProbFunction`` (its CPU path folds
@@ -14,7 +16,7 @@ so load from other processes on a shared machine hits every method alike):
 Prints a table with each method's median and its ratio to dpo_fast (cpp), and writes
 ``benchmarks/results/bench_cpu-cpu.json``.
 
-Usage: ``python benchmarks/bench_cpu.py [--repeats 5] [--seq 256] [--skip-linear]``.
+Usage: ``python benchmarks/bench_cpu.py [--repeats 5] [--seq 256] [--threads N] [--skip-linear]``.
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ def logits_step(fn, logits: torch.Tensor, labels: torch.Tensor) -> Callable[[], 
     return step
 
 
+def kernels_step(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    x = logits.reshape(1, -1, logits.shape[-1])
+    labels = labels.reshape(1, -1)
+    grad = torch.empty_like(x)
+    grad_logp = torch.ones(labels.shape)
+    options = {"ignore_index": -100, "scale": 1.0, "softcap": None}
+
+    def step():
+        logp, lse, _ = cpp.logprobs_forward(x, labels, **options)
+        cpp.logprobs_backward(grad_logp, x, labels, logp, lse, grad, **options)
+
+    return step
+
+
 def linear_step(fn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
     def step():
         hidden.grad = weight.grad = None
@@ -125,9 +141,12 @@ def summarize(times: dict[str, list[float]], config: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seq", type=int, default=256, help="sequence length; batch = tokens // seq")
+    parser.add_argument("--seq", type=int, default=0, help="batch the tokens as (tokens // seq, seq, V)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--skip-linear", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     if not cpp.available():
         raise SystemExit("the C++ kernels could not be built: nothing to benchmark")
@@ -135,10 +154,11 @@ def main() -> None:
     rows: list[dict] = []
 
     for tokens, vocab in LOGITS_SIZES:
-        seq = min(args.seq, tokens)
-        logits = torch.randn(tokens // seq, seq, vocab).requires_grad_()
-        labels = torch.randint(0, vocab, (tokens // seq, seq))
+        shape = (tokens // args.seq, args.seq) if args.seq else (tokens,)
+        logits = torch.randn(*shape, vocab).requires_grad_()
+        labels = torch.randint(0, vocab, shape)
         steps = {name: logits_step(fn, logits, labels) for name, fn in logits_methods().items()}
+        steps["cpp kernels only"] = kernels_step(logits.detach(), labels)
         config = {"case": "logits", "tokens": tokens, "vocab": vocab, "shape": list(logits.shape)}
         rows += summarize(round_robin(steps, args.repeats), config)
         del logits, steps
