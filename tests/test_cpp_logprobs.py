@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import make_labels
 
 import dpo_fast
 from dpo_fast import chunked, cpp
@@ -47,12 +48,6 @@ def _backward(x, labels, logp, lse, grad_x, grad_logp, ignore_index=-100, scale=
     return grad_x
 
 
-def _labels(shape, vocab_size, ignore_frac=0.2):
-    labels = torch.randint(0, vocab_size, shape)
-    labels[torch.rand(shape) < ignore_frac] = -100
-    return labels
-
-
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 20.0])
@@ -60,7 +55,7 @@ def test_results_do_not_depend_on_thread_count(dtype, softcap):
     # enough rows that two threads each get some (a thread's grain is 32k logits)
     vocab_size = 3001
     x = (torch.randn(4, 60, vocab_size) * 5).to(dtype)
-    labels = _labels((4, 60), vocab_size)
+    labels = make_labels((4, 60), vocab_size)
     grad_logp = torch.randn(4, 60)
     threads = torch.get_num_threads()
     results = []
@@ -83,7 +78,7 @@ def test_chunk_boundaries_and_stats(dtype):
     of a chunk boundary: against the torch backend and the float64 oracle."""
     vocab_size = 2 * CHUNK + 21
     x = (torch.randn(2, 8, vocab_size) * 3).to(dtype)
-    labels = _labels((2, 8), vocab_size, ignore_frac=0.1)
+    labels = make_labels((2, 8), vocab_size, ignore_frac=0.1)
     # a tie across a chunk boundary: label after the first maximal index -> not top-1
     x[0, 0] = -4.0
     x[0, 0, CHUNK - 1] = x[0, 0, CHUNK + 3] = 6.0
@@ -113,7 +108,7 @@ def test_strided_vocabulary_and_gradient(dtype, softcap):
     """Logits and gradient with a vocabulary stride != 1 (the gather/scatter paths)."""
     vocab_size = 700
     x = (torch.randn(2, 5, 2 * vocab_size) * 4).to(dtype)[..., ::2]
-    labels = _labels((2, 5), vocab_size)
+    labels = make_labels((2, 5), vocab_size)
     grad_logp = torch.randn(2, 5)
     logp, lse, _ = _forward(x, labels, softcap=softcap, stats=())
     grad_storage = torch.full((2, 5, vocab_size, 3), float("nan"), dtype=dtype)
@@ -135,7 +130,7 @@ def test_strided_vocabulary_and_gradient(dtype, softcap):
 def test_inplace_backward_equals_out_of_place(dtype, softcap):
     vocab_size = CHUNK + 77
     x = (torch.randn(3, 4, vocab_size) * 4).to(dtype)
-    labels = _labels((3, 4), vocab_size)
+    labels = make_labels((3, 4), vocab_size)
     grad_logp = torch.randn(3, 4)
     logp, lse, _ = _forward(x, labels, scale=0.7, softcap=softcap, stats=())
     expected = _backward(x, labels, logp, lse, torch.empty_like(x), grad_logp, scale=0.7, softcap=softcap)
@@ -172,7 +167,7 @@ def test_operator_checks_its_arguments():
 @needs_cpp
 def test_registered_as_custom_operators():
     x = torch.randn(2, 5, 300)
-    labels = _labels((2, 5), 300)
+    labels = make_labels((2, 5), 300)
     ops = torch.ops.dpo_fast
     logp, lse, stats = ops.logprobs_forward_cpu(x, labels, -100, 1.0, None, ["is_top1", "entropy"])
     assert stats[0].dtype == torch.bool and stats[1].dtype == torch.float32
