@@ -27,8 +27,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Each test draws fresh random inputs; the seed is printed so a failure can be replayed
-    (pytest shows a failing test's captured output)."""
-    seed = int.from_bytes(os.urandom(4), "little") >> 1
+    (pytest shows a failing test's captured output; DPO_FAST_TEST_SEED=<seed> replays it)."""
+    seed = int(os.environ.get("DPO_FAST_TEST_SEED") or int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"torch seed: {seed}")
     torch.manual_seed(seed)
 
