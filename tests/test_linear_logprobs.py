@@ -281,6 +281,7 @@ def test_sequence_logprobs(backend, small_tiles):
 def test_segment_sums(backend):
     hidden, weight, _ = make_head((2, 12), 16, 50)
     labels = make_labels((2, 12), 50, ignore_frac=0.1)
+    labels[0, 11] = 7  # segment 3 scores at least one token, so max(segment_ids) + 1 == 4
     segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, 3, 3], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, -1]])
     logps, counts = dpo_fast.linear_sequence_logprobs(
         hidden, weight, labels, segment_ids=segment_ids, shift=True, backend=backend

@@ -267,6 +267,7 @@ def test_segment_sums(backend):
     # one packed row of 4 sequences, plus a second row; -1 marks unscored positions
     logits = torch.randn(2, 12, 100, requires_grad=True)
     labels = make_labels((2, 12), 100, ignore_frac=0.1)
+    labels[0, 11] = 7  # segment 3 scores at least one token, so max(segment_ids) + 1 == 4
     segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, 3, 3], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, -1]])
     logps, counts = dpo_fast.sequence_logprobs(
         logits, labels, segment_ids=segment_ids, shift=True, backend=backend

@@ -417,13 +417,16 @@ def compare_with_trl_dpo(loss_type, pairs, *, label_smoothing=0.0, **options):
         **call_kwargs(loss_type, {**pairs, "chosen_logps": c, "rejected_logps": r}),
         "label_smoothing": label_smoothing,
     }
+    # TRL evaluates its own fp32 formulas (other operation orders, no clamping): two fp32
+    # evaluations agree to ~1e-4; precision itself is checked against float64 above
+    rtol = 1e-4
     for backend in BACKENDS:
         out, grads = run(backend, kwargs, **options)
-        assert_close(out.loss, loss, 2e-5, f"{backend} loss")
-        assert_close(grads["chosen_logps"], grad_c, 2e-5, f"{backend} grad chosen")
-        assert_close(grads["rejected_logps"], grad_r, 2e-5, f"{backend} grad rejected")
+        assert_close(out.loss, loss, rtol, f"{backend} loss")
+        assert_close(grads["chosen_logps"], grad_c, rtol, f"{backend} grad chosen")
+        assert_close(grads["rejected_logps"], grad_r, rtol, f"{backend} grad rejected")
         for name, value in out.metrics.items():
-            assert_close(value, metrics[name], 2e-5, f"{backend} {name}")
+            assert_close(value, metrics[name], rtol, f"{backend} {name}")
 
 
 @pytest.mark.parametrize("loss_type", DPO_TRAINER_TYPES)
