@@ -125,7 +125,7 @@ def token_logprobs(
         inplace_backward: backward writes the logits' gradient into the logits' own storage,
             so a step holds one ``[tokens, V]`` buffer instead of two. Destroys the logits.
             Needs contiguous logits; otherwise backward uses a separate buffer as usual.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``dpo_fast.backends``).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` (see ``dpo_fast.backends``).
 
     Returns:
         float32 ``(..., T)`` (``(..., T - 1)`` with ``shift``), 0.0 at ignored positions; with

@@ -133,7 +133,11 @@ def test_extreme_logits(backend, dtype):
     logits[1, 3, ::3] = float("-inf")
     logits[1, 3, labels[1, 3]] = -1e4
     logits = logits.to(dtype)
-    ours, _ = check_against_reference(logits, labels, backend)
+    # fp32 inputs of magnitude 1e4 carry an absolute rounding of ~1e-3 (one ulp); the stored
+    # fp32 log-sum-exp has the same, so gradients are exact only to ~|x| * eps relative: the
+    # tolerance scales with that (bf16's tolerance already covers its own, coarser rounding)
+    atol_scale = 200.0 if dtype == torch.float32 else 1.0
+    ours, _ = check_against_reference(logits, labels, backend, atol_scale=atol_scale)
     assert ours[0, 0].item() == 0.0
     assert torch.isfinite(ours).all()
 
