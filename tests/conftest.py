@@ -13,8 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
-# Devices a suite runs on: CPU always (Triton through the interpreter), CUDA when present.
-DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 
 
 def pytest_collection_modifyitems(config, items):
