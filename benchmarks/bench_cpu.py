@@ -11,7 +11,9 @@ so load from other processes on a shared machine hits every method alike):
 2. the fused linear path from hidden states ``(N, H)`` and an lm_head ``(V, H)``, gradient
    w.r.t. both: dpo_fast ``linear_token_logprobs`` (cpp, torch), the naive matmul +
    ``log_softmax`` + ``gather``, and TRL's ``ChunkedLogProbFunction`` (its CPU path folds
-   the tiles in torch).
+   the tiles in torch). Twice: with every token scored, and with half of them ignored as
+   DPO's prompt tokens are (the first half of each 512-token sequence); only dpo_fast skips
+   unscored tokens before the matmul.
 
 Prints a table with each method's median and its ratio to dpo_fast (cpp), and writes
 ``benchmarks/results/bench_cpu-cpu.json``.
@@ -37,11 +39,16 @@ except ImportError:  # run as a module: python -m benchmarks.bench_cpu
 
 LOGITS_SIZES = [(2048, 32000), (512, 128256)]  # (tokens, V)
 LINEAR_SIZE = (2048, 512, 32000)  # (N, H, V)
+LINEAR_SCORED_FRACTIONS = (1.0, 0.5)
+PROMPT_SEQUENCE = 512  # tokens per sequence when half are ignored: the first half is "prompt"
 OURS = "dpo_fast (cpp)"
 
 
 def log_softmax_gather(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """The plain PyTorch way; 0 where ``labels == -100``."""
+    scored = labels != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(scored, logp, 0.0)
 
 
 def logits_methods() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
@@ -70,7 +77,9 @@ def linear_methods() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Te
 
         def trl_chunked(h, w, y):
             # TRL's defaults: 32k-wide vocabulary tiles, log-probs only
-            return ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 32768, None, 1.0, ())[0]
+            # it scores every row: ignored labels are clamped in, then masked out
+            logp = ChunkedLogProbFunction.apply(h, w, None, y.clamp(min=0), 1.0, 32768, None, 1.0, ())[0]
+            return torch.where(y != -100, logp, 0.0)
 
         found["trl ChunkedLogProbFunction"] = trl_chunked
     except ImportError:
@@ -167,13 +176,23 @@ def main() -> None:
         n, hidden_size, vocab = LINEAR_SIZE
         hidden = (torch.randn(n, hidden_size) / hidden_size**0.25).requires_grad_()
         weight = (torch.randn(vocab, hidden_size) / hidden_size**0.25).requires_grad_()
-        labels = torch.randint(0, vocab, (n,))
-        steps = {name: linear_step(fn, hidden, weight, labels) for name, fn in linear_methods().items()}
-        config = {"case": "linear", "tokens": n, "hidden": hidden_size, "vocab": vocab}
-        rows += summarize(round_robin(steps, args.repeats), config)
+        for scored_fraction in LINEAR_SCORED_FRACTIONS:
+            labels = torch.randint(0, vocab, (n,))
+            if scored_fraction < 1.0:
+                prompt = round(PROMPT_SEQUENCE * (1.0 - scored_fraction))
+                labels.view(-1, PROMPT_SEQUENCE)[:, :prompt] = -100
+            steps = {name: linear_step(fn, hidden, weight, labels) for name, fn in linear_methods().items()}
+            config = {
+                "case": "linear",
+                "tokens": n,
+                "hidden": hidden_size,
+                "vocab": vocab,
+                "scored": scored_fraction,
+            }
+            rows += summarize(round_robin(steps, args.repeats), config)
 
     print(f"forward+backward, fp32, {torch.get_num_threads()} threads, median of {args.repeats} (seconds)")
-    print_table(rows, ["case", "tokens", "vocab", "method", "median_s", "min_s", "slowdown_vs_cpp"])
+    print_table(rows, ["case", "tokens", "vocab", "scored", "method", "median_s", "min_s", "slowdown_vs_cpp"])
     path = write_results(
         "bench_cpu",
         device,

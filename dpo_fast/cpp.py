@@ -1,10 +1,12 @@
 """The ``"cpp"`` backend: the C++ CPU kernels of ``csrc/``, compiled just in time.
 
-The first CPU call compiles ``csrc/logprobs_cpu.cpp`` with ``torch.utils.cpp_extension.load``
-(about a minute, announced by a one-line log message) into a cache directory keyed by the
-source, the flags and the torch version; later processes load the cached library directly.
-The library registers the custom operators ``torch.ops.dpo_fast.logprobs_forward_cpu`` and
-``logprobs_backward_cpu`` (with fake implementations, so ``torch.compile`` can trace them).
+The first CPU call compiles ``csrc/logprobs_cpu.cpp`` and ``csrc/buffer_cache.cpp`` with
+``torch.utils.cpp_extension.load`` (about a minute, announced by a one-line log message)
+into a cache directory keyed by the sources, the flags and the torch version; later
+processes load the cached library directly.
+The library registers the custom operators ``torch.ops.dpo_fast.logprobs_forward_cpu``,
+``logprobs_backward_cpu`` and ``cached_empty_cpu`` (with fake implementations, so
+``torch.compile`` can trace them).
 Without a working compiler :func:`available` returns False after one warning, and
 ``dpo_fast.backends`` falls back to the PyTorch backend.
 
@@ -22,13 +24,14 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("logprobs_cpu.cpp",)
+_SOURCES = ("logprobs_cpu.cpp", "buffer_cache.cpp")
 _CAPABILITY_FLAGS = {
     "AVX512": [
         "-DCPU_CAPABILITY=AVX512",
@@ -123,6 +126,10 @@ def _register_fakes() -> None:
     def _backward_fake(grad_logp, x, labels, logp, lse, grad_x, ignore_index, scale, softcap):
         return None
 
+    @torch.library.register_fake("dpo_fast::cached_empty_cpu")
+    def _cached_empty_fake(size, dtype):
+        return torch.empty(size, dtype=dtype)
+
 
 def available() -> bool:
     """True when the C++ kernels are loaded, compiling them on the first call if needed.
@@ -190,6 +197,26 @@ def logprobs_backward(
     torch.ops.dpo_fast.logprobs_backward_cpu(
         grad_logp, x, labels, logp, lse, grad_x, ignore_index, scale, softcap
     )
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor for a ``[tokens, V]`` buffer, from a small cache
+    of freed blocks (``csrc/buffer_cache.cpp``): reusing a block skips the first-touch page
+    faults a fresh one costs at every training step.
+
+    Set ``DPO_FAST_CPU_BUFFER_CACHE=0`` to allocate with ``torch.empty`` instead;
+    :func:`empty_cache` returns the idle blocks to the system.
+    """
+    _require()
+    if os.environ.get("DPO_FAST_CPU_BUFFER_CACHE", "1") == "0":
+        return torch.empty(shape, dtype=dtype)
+    return torch.ops.dpo_fast.cached_empty_cpu(list(shape), dtype)
+
+
+def empty_cache() -> None:
+    """Free the idle blocks :func:`empty` keeps (at most two). A no-op if the kernels never loaded."""
+    if "loaded" in _state:
+        torch.ops.dpo_fast.empty_cache_cpu()
 
 
 def _require() -> None:

@@ -185,6 +185,41 @@ def test_registered_as_custom_operators():
 
 
 @needs_cpp
+def test_buffer_cache_reuses_freed_blocks_that_fit():
+    cpp.empty_cache()
+    block = cpp.empty((1000, 250), torch.float32)  # 1 MB
+    address = block.data_ptr()
+    del block
+    # a request that would waste more than half of the idle block gets a block of its own
+    small = cpp.empty((100, 250), torch.float32)
+    assert small.data_ptr() != address
+    reused = cpp.empty((1200, 250), torch.bfloat16)  # 600 kB
+    assert reused.data_ptr() == address and reused.shape == (1200, 250) and reused.is_contiguous()
+    # like torch.empty its values are arbitrary: check the schema and the fake, not the bits
+    torch.library.opcheck(
+        torch.ops.dpo_fast.cached_empty_cpu,
+        ([3, 4], torch.float16),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@needs_cpp
+@pytest.mark.parametrize("shift", [False, True])
+def test_gradient_in_a_reused_poisoned_block(shift):
+    """The gradient buffer comes from the cache uninitialized: every element, including the
+    unscored last position of a shifted batch, must be written."""
+    cpp.empty_cache()
+    x = (torch.randn(3, 7, 301) * 4).requires_grad_()
+    labels = make_labels((3, 7), 301)
+    cpp.empty(x.shape, x.dtype).fill_(float("nan"))  # freed at once: the next same-size request gets it
+    grad_logp = torch.randn(3, 6 if shift else 7)
+    (dpo_fast.token_logprobs(x, labels, shift=shift, backend="cpp") * grad_logp).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (dense_token_logprobs(x64, labels, shift=shift) * grad_logp.double()).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp
 def test_auto_picks_cpp_on_cpu(monkeypatch):
     calls = []
     real = cpp.logprobs_forward
