@@ -1,10 +1,12 @@
 """Fused linear log-probs (hidden states + lm_head -> per-token label log-probs).
 
-dpo_fast.linear_token_logprobs against: naive (matmul + log_softmax + gather, materializing
-the logits), TRL's chunked log-prob function (trl.kernels.ChunkedLogProbFunction), Liger's
-fused linear cross-entropy with reduction="none" and Cut Cross-Entropy's
-linear_cross_entropy(..., reduction="none"), each when installed and able to run on the
-device. Every label is scored, so every method does the same work.
+dpo_fast.linear_token_logprobs (design (a), the default "chunked" method; on CUDA also design
+(b), method="fused", exact and with gradient filtering at eps = 2^-12) against: naive (matmul
++ log_softmax + gather, materializing the logits), TRL's chunked log-prob function
+(trl.kernels.ChunkedLogProbFunction), Liger's fused linear cross-entropy with
+reduction="none" and Cut Cross-Entropy's linear_cross_entropy(..., reduction="none"), each
+when installed and able to run on the device. Every label is scored, so every method does the
+same work (the FLOP count below is design (a)'s; (b) runs 10*N*H*V, the filter skips some).
 
 Reported per method: forward time (no grad, as for a reference model), forward+backward
 time (gradients to hidden and weight), TFLOP/s and peak memory. FLOPs are counted as
@@ -61,7 +63,11 @@ def methods(device: torch.device) -> dict[str, Method]:
         )[0]
     except ImportError:
         pass
-    if device.type == "cuda":  # Liger and CCE are Triton/CUDA-only
+    if device.type == "cuda":  # design (b), Liger and CCE are Triton/CUDA-only
+        found["dpo_fast fused (b)"] = lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, method="fused")
+        found["fused + filter 2^-12"] = lambda h, w, y: dpo_fast.linear_token_logprobs(
+            h, w, y, method="fused", grad_filter_eps=2.0**-12
+        )
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

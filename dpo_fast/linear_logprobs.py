@@ -16,6 +16,11 @@ No tensor of ``tokens x V`` elements exists, in forward or backward. Data flow:
    out: ``grad_rows = tile @ W`` per chunk, ``grad_W += tile.T @ rows`` and
    ``grad_b += tile.sum(0)`` accumulated in fp32 across chunks, in chunk order (no atomics,
    so two runs give the same bits).
+
+``method="fused"`` (design (b), opt-in, Triton only) replaces steps 2-3 with the kernels of
+``dpo_fast.kernels.linear_logprobs`` (``_FusedLinearLogprobs``): the logits tiles never leave
+SRAM, and ``grad_filter_eps`` may skip backward tiles whose softmax is negligible. Steps 1
+and 4, validation, dtypes and autocast are shared.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from .backends import resolve_backend
 from .logprobs import _implementation, sequence_sums
-from .validation import check_labels, check_linear_head, check_stats, check_transform
+from .validation import check_labels, check_linear_head, check_linear_method, check_stats, check_transform
 
 # Upper bound on one (chunk, V) logits tile, in bytes; the only [*, V] buffer alive.
 # GPU: every chunk adds its product into the fp32 (V, H) weight-gradient accumulator, which
@@ -111,17 +116,31 @@ def _forward_chunks(
     return logp, lse, out
 
 
+def _cast(dtype: torch.dtype, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """``rows``, ``weight``, ``bias`` in the compute dtype (no copy when already in it)."""
+    return rows.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
+def _in_own_dtypes(grads: tuple, operands: tuple) -> tuple:
+    """Each gradient (or None) in its operand's dtype."""
+    return tuple(g.to(t.dtype) if g is not None else None for g, t in zip(grads, operands, strict=True))
+
+
 def _run_forward(rows, weight, bias, labels, compute_dtype, impl, options, stats):
     """Cast the operands to the compute dtype and run the chunked forward."""
     with torch.autocast(rows.device.type, enabled=False):
-        return _forward_chunks(
-            rows.to(compute_dtype),
-            weight.to(compute_dtype),
-            bias.to(compute_dtype) if bias is not None else None,
+        return _forward_chunks(*_cast(compute_dtype, rows, weight, bias), labels, impl, options, stats)
+
+
+def _run_fused_forward(rows, weight, bias, labels, compute_dtype, kernels, options, stats):
+    """Cast the operands to the compute dtype and run the fused forward kernel."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return kernels.linear_logprobs_forward(
+            *_cast(compute_dtype, rows, weight, bias),
             labels,
-            impl,
-            options,
-            stats,
+            scale=options["scale"],
+            softcap=options["softcap"],
+            stats=stats,
         )
 
 
@@ -180,12 +199,54 @@ class _LinearLogprobs(torch.autograd.Function):
                     _accumulate_fp32(grad_weight, tile.t(), rows_c)
                 if grad_bias is not None:
                     grad_bias += tile.sum(0, dtype=torch.float32)
-        return (
-            grad_rows.to(rows.dtype) if grad_rows is not None else None,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-            grad_bias.to(bias.dtype) if grad_bias is not None else None,
-            *([None] * 5),
+        grads = _in_own_dtypes((grad_rows, grad_weight, grad_bias), (rows, weight, bias))
+        return (*grads, *([None] * 5))
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """``_LinearLogprobs`` with design (b)'s kernels (``kernels``, the module
+    ``dpo_fast.kernels.linear_logprobs``): no logits tile leaves SRAM. ``grad_filter_eps``
+    (None = exact) skips backward tiles whose softmax is negligible, within the bound that
+    module documents."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, labels, compute_dtype, kernels, options, stats, grad_filter_eps):
+        logp, lse, stat_values = _run_fused_forward(
+            rows, weight, bias, labels, compute_dtype, kernels, options, stats
         )
+        ctx.save_for_backward(rows, weight, bias, labels, logp, lse)
+        ctx.compute_dtype, ctx.kernels, ctx.options = compute_dtype, kernels, options
+        ctx.grad_filter_eps = grad_filter_eps
+        ctx.mark_non_differentiable(*stat_values.values())
+        return (logp, *stat_values.values())
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        rows, weight, bias, labels, logp, lse = ctx.saved_tensors
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        with torch.autocast(rows.device.type, enabled=False):
+            grads = ctx.kernels.linear_logprobs_backward(
+                grad_logp.float().contiguous(),
+                *_cast(ctx.compute_dtype, rows, weight, bias),
+                labels,
+                logp,
+                lse,
+                scale=ctx.options["scale"],
+                softcap=ctx.options["softcap"],
+                need_rows=need_rows,
+                need_weight=need_weight,
+                need_bias=need_bias,
+                grad_filter_eps=ctx.grad_filter_eps,
+            )
+        return (*_in_own_dtypes(grads, (rows, weight, bias)), *([None] * 6))
+
+
+def _fused_kernels() -> ModuleType:
+    # imported on first use, as the core's Triton backend: Triton reads TRITON_INTERPRET
+    # when the kernels are defined
+    from .kernels import linear_logprobs
+
+    return linear_logprobs
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -214,6 +275,8 @@ def linear_token_logprobs(
     logit_scale: float = 1.0,
     stats: Sequence[str] = (),
     backend: str = "auto",
+    method: str = "chunked",
+    grad_filter_eps: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Label log-probs of ``softcap(logit_scale * (hidden @ weight.T + bias) / temperature)``,
     never materializing those ``(..., T, V)`` logits.
@@ -228,6 +291,18 @@ def linear_token_logprobs(
             causal LM convention) and the result has ``T - 1`` positions.
         temperature, softcap, stats, backend: as :func:`dpo_fast.token_logprobs`.
         logit_scale: multiplies the logits before the temperature (e.g. Cohere's).
+        method: ``"chunked"`` (default; design (a): a matmul per chunk of tokens writes a
+            ``(chunk, V)`` logits tile that the backend folds; every backend) or ``"fused"``
+            (design (b): Triton kernels keep the logits tiles in SRAM; needs the Triton
+            backend: CUDA tensors, or ``backend="triton"`` under ``TRITON_INTERPRET=1``).
+        grad_filter_eps: ``method="fused"`` only. None (default) is exact; a float in
+            ``(0, 1]`` skips the gradient matmuls of backward tiles (``BLOCK_N`` tokens x
+            ``BLOCK_V`` vocabulary entries of ``dpo_fast.kernels.linear_logprobs``) whose
+            softmax probabilities are all below it and which hold no label. Each entry's
+            error is at most ``eps * |scale| * |g_i| * sum_j |W[j, k]|`` for the hidden
+            gradient and ``eps * |scale| * sum_i |g_i| * |hidden_i[k]|`` for the weight
+            gradient (``scale = logit_scale / temperature``, ``g`` the incoming gradient,
+            ``i`` over scored tokens); the bias gradient stays exact.
 
     ``hidden``, ``weight`` and ``bias`` must share a dtype unless autocast is on, in which
     case the matmuls run in the autocast dtype. Gradients flow to all three; the weight and
@@ -243,7 +318,13 @@ def linear_token_logprobs(
     check_transform(temperature, softcap, logit_scale)
     stats = check_stats(stats)
     compute_dtype = _compute_dtype(hidden, weight, bias)
-    impl = _implementation(resolve_backend(backend, hidden.device))
+    resolved = resolve_backend(backend, hidden.device)
+    check_linear_method(method, grad_filter_eps, backend, resolved, hidden.device)
+    if method == "fused":
+        function, run, impl = _FusedLinearLogprobs, _run_fused_forward, _fused_kernels()
+        extra = (grad_filter_eps,)
+    else:
+        function, run, impl, extra = _LinearLogprobs, _run_forward, _implementation(resolved), ()
 
     if shift:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
@@ -252,10 +333,10 @@ def linear_token_logprobs(
     options = {"ignore_index": ignore_index, "scale": logit_scale / temperature, "softcap": softcap}
     args = (rows, weight, bias, labels[scored].to(torch.int64), compute_dtype, impl, options, stats)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias)):
-        logp, *stat_values = _LinearLogprobs.apply(*args)
+        logp, *stat_values = function.apply(*args, *extra)
         stat_dict = dict(zip(stats, stat_values, strict=True))
     else:
-        logp, _, stat_dict = _run_forward(*args)
+        logp, _, stat_dict = run(*args)
     per_token = _unpack(logp, scored)
     if not stats:
         return per_token
@@ -284,12 +365,14 @@ def linear_sequence_logprobs(
     average: bool = False,
     stats: Sequence[str] = (),
     backend: str = "auto",
+    method: str = "chunked",
+    grad_filter_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Summed label log-probs per sequence (or per segment) from hidden states and the lm_head.
 
     Args:
         hidden, weight, labels, bias, ignore_index, shift, temperature, softcap, logit_scale,
-        stats, backend: as :func:`linear_token_logprobs`.
+        stats, backend, method, grad_filter_eps: as :func:`linear_token_logprobs`.
         segment_ids, num_segments, average: as :func:`dpo_fast.sequence_logprobs`.
 
     Returns:
@@ -308,6 +391,8 @@ def linear_sequence_logprobs(
         logit_scale=logit_scale,
         stats=stats,
         backend=backend,
+        method=method,
+        grad_filter_eps=grad_filter_eps,
     )
     per_token, stat_dict = result if stats else (result, {})
     logps, num_tokens = sequence_sums(

@@ -33,6 +33,21 @@ def _transform(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _transform_with_derivative(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``_transform(x)`` and ``dz/dx``, the same bits of z as ``_transform``."""
+    u = x * scale
+    if HAS_SOFTCAP:
+        s = tl.sigmoid(2.0 * u / softcap)
+        z = softcap * (2.0 * s - 1.0)
+        # d softcap / du = 1 - tanh^2 = 4 s (1 - s), with 1 - s as sigmoid(-2u/c) (no cancellation)
+        dz_dx = 4.0 * s * tl.sigmoid(-2.0 * u / softcap) * scale
+    else:
+        z = u
+        dz_dx = scale
+    return z, dz_dx
+
+
+@triton.jit
 def _logprobs_forward_kernel(
     x_ptr,
     labels_ptr,
@@ -161,15 +176,7 @@ def _logprobs_backward_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < n_cols, other=0.0).to(tl.float32)
-        u = x * scale
-        if HAS_SOFTCAP:
-            s = tl.sigmoid(2.0 * u / softcap)
-            z = softcap * (2.0 * s - 1.0)
-            # d softcap / du = 1 - tanh^2 = 4 s (1 - s), with 1 - s as sigmoid(-2u/c) (no cancellation)
-            dz_dx = 4.0 * s * tl.sigmoid(-2.0 * u / softcap) * scale
-        else:
-            z = u
-            dz_dx = scale
+        z, dz_dx = _transform_with_derivative(x, scale, softcap, HAS_SOFTCAP)
         dz = tl.where(cols == label, g_label, -g * tl.exp(z - lse))
         grad = tl.where(valid, dz * dz_dx, 0.0)
         tl.store(

@@ -1,9 +1,11 @@
 """dpo_fast.linear_token_logprobs / linear_sequence_logprobs against a float64 oracle that
 materializes the logits (``hidden @ weight.T + bias``) and differentiates through them.
 
-Every backend runs the suite ("triton" through the interpreter on CPU, so sizes are small).
-``small_tiles`` forces several token chunks per call, so chunk boundaries and the fp32
-accumulation of the weight gradient across chunks are exercised.
+Every path runs the suite: design (a) (``method="chunked"``) on every backend and design (b)
+(``method="fused"``) on Triton, both through the interpreter on CPU, so sizes are small.
+``small_tiles`` forces several token chunks per call and several blocks per fused kernel, so
+chunk and block boundaries, masks and the fp32 accumulation of the weight gradient across
+chunks are exercised.
 """
 
 from __future__ import annotations
@@ -14,10 +16,19 @@ from helpers import make_labels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpo_fast
+import dpo_fast.kernels.linear_logprobs as fused
 import dpo_fast.linear_logprobs as linear
 from dpo_fast.reference import dense_token_logprobs, rows_forward
 
-BACKENDS = ["torch", "triton", "cpp"]
+# (backend, method): design (a) on every backend, design (b) on Triton
+PATHS = {
+    "torch": {"backend": "torch"},
+    "triton": {"backend": "triton"},
+    "cpp": {"backend": "cpp"},
+    "fused": {"backend": "triton", "method": "fused"},
+}
+FUSED = PATHS["fused"]
+every_path = pytest.mark.parametrize("path", list(PATHS.values()), ids=list(PATHS))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The oracle sees the same rounded inputs; what remains is the logits tile rounded to the
 # compute dtype (|logits| <~ 8) and, for gradients, the logits gradient rounded to it.
@@ -27,8 +38,10 @@ GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Three tokens per logits tile."""
+    """Three tokens per chunked logits tile; 16 x 16 x 16 fused blocks (tl.dot's minimum)."""
     monkeypatch.setattr(linear, "chunk_rows", lambda *_: 3)
+    for name in ("BLOCK_N", "BLOCK_V", "BLOCK_H"):
+        monkeypatch.setattr(fused, name, 16)
 
 
 def make_head(shape, hidden_size, vocab_size, dtype=torch.float32, bias=False):
@@ -47,10 +60,11 @@ def oracle(hidden, weight, bias, labels, **options):
     return leaves, dense_token_logprobs(logits, labels, **options)
 
 
-def check_against_oracle(hidden, weight, bias, labels, backend, tol_scale=1.0, **options):
-    """Values and gradients (hidden, weight, bias) vs the float64 oracle."""
+def check_against_oracle(hidden, weight, bias, labels, path, tol_scale=1.0, **options):
+    """Values and gradients (hidden, weight, bias) vs the float64 oracle; ``path`` holds the
+    backend and method keywords."""
     dtype = weight.dtype
-    ours = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend, **options)
+    ours = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path, **options)
     leaves, expected = oracle(hidden, weight, bias, labels, **options)
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     torch.testing.assert_close(ours.double(), expected, atol=LOGP_TOL[dtype] * tol_scale, rtol=1e-5)
@@ -83,92 +97,94 @@ TRANSFORMS = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@every_path
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(TRANSFORMS))
 @pytest.mark.usefixtures("small_tiles", "poisoned_outputs")
-def test_matches_reference(backend, dtype, case):
+def test_matches_reference(path, dtype, case):
     options = dict(TRANSFORMS[case])
     hidden, weight, bias = make_head((2, 9), 24, 101, dtype, bias=options.pop("bias", False))
     labels = make_labels((2, 9), 101)
-    check_against_oracle(hidden, weight, bias, labels, backend, **options)
+    check_against_oracle(hidden, weight, bias, labels, path, **options)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_one_tile_per_call_with_default_chunking(backend):
+@every_path
+def test_one_tile_per_call_with_default_chunking(path):
     hidden, weight, bias = make_head((3, 7), 16, 333, bias=True)
     labels = make_labels((3, 7), 333)
-    check_against_oracle(hidden, weight, bias, labels, backend, shift=True)
+    check_against_oracle(hidden, weight, bias, labels, path, shift=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@every_path
 @pytest.mark.usefixtures("small_tiles", "poisoned_outputs")
-def test_ignored_tokens_anywhere(backend):
+def test_ignored_tokens_anywhere(path):
     hidden, weight, bias = make_head((3, 8), 16, 50, bias=True)
     labels = make_labels((3, 8), 50, ignore_frac=0.4)
     labels[1] = -100  # a whole sequence
     labels[0, -1] = -100  # the last position (what the shift drops anyway)
-    out = check_against_oracle(hidden, weight, bias, labels, backend, shift=True)
+    out = check_against_oracle(hidden, weight, bias, labels, path, shift=True)
     assert (out[labels[:, 1:] == -100] == 0).all()
     # the ignored sequence's hidden states get exactly zero gradient
     assert (hidden.grad[1] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_all_tokens_ignored(backend):
+@every_path
+def test_all_tokens_ignored(path):
     hidden, weight, bias = make_head((2, 5), 8, 30, bias=True)
     labels = torch.full((2, 5), -100)
-    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path)
     assert out.shape == (2, 5) and (out == 0).all()
     out.sum().backward()
     for leaf in (hidden, weight, bias):
         assert leaf.grad is not None and (leaf.grad == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch_and_shift_of_one_token(backend):
+@every_path
+def test_empty_batch_and_shift_of_one_token(path):
     hidden, weight, bias = make_head((0, 5), 8, 30, bias=True)
     logps, counts = dpo_fast.linear_sequence_logprobs(
-        hidden, weight, torch.zeros(0, 5, dtype=torch.long), bias=bias, backend=backend
+        hidden, weight, torch.zeros(0, 5, dtype=torch.long), bias=bias, **path
     )
     assert logps.shape == (0,) and counts.shape == (0,)
     logps.sum().backward()
     assert hidden.grad.shape == hidden.shape and (weight.grad == 0).all()
     hidden, weight, _ = make_head((2, 1), 8, 30)
-    out = dpo_fast.linear_token_logprobs(hidden, weight, torch.ones(2, 1, dtype=torch.long), shift=True)
+    out = dpo_fast.linear_token_logprobs(
+        hidden, weight, torch.ones(2, 1, dtype=torch.long), shift=True, **path
+    )
     assert out.shape == (2, 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_one_token_and_custom_ignore_index(backend):
+@every_path
+def test_one_token_and_custom_ignore_index(path):
     hidden, weight, _ = make_head((1,), 8, 7)  # (T=1, H): no batch dims
-    check_against_oracle(hidden, weight, None, torch.tensor([3]), backend)
+    check_against_oracle(hidden, weight, None, torch.tensor([3]), path)
     hidden, weight, _ = make_head((2, 4), 8, 7)
     labels = torch.tensor([[0, -1, 6, 1], [-1, -1, 2, 5]])
-    check_against_oracle(hidden, weight, None, labels, backend, ignore_index=-1)
+    check_against_oracle(hidden, weight, None, labels, path, ignore_index=-1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_hidden(backend, small_tiles):
+@every_path
+def test_non_contiguous_hidden(path, small_tiles):
     hidden_full, weight, _ = make_head((2, 10), 16, 64)
     labels = make_labels((2, 9), 64)
     sliced = hidden_full[:, :-1]  # what an HF model's last hidden state looks like after a shift
     assert not sliced.is_contiguous()
     sliced.retain_grad()
-    check_against_oracle(sliced, weight, None, labels, backend)
+    check_against_oracle(sliced, weight, None, labels, path)
     # time-major layout viewed as batch-major, with extra leading dims
     hidden_tm = torch.randn(6, 2, 3, 16).requires_grad_()
     hidden = hidden_tm.permute(1, 2, 0, 3)  # (2, 3, T=6, H)
     labels = make_labels((2, 3, 6), 64)
     weight.grad = None
-    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, shift=True, backend=backend)
+    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, shift=True, **path)
     _, expected = oracle(hidden, weight, None, labels, shift=True)
     assert out.shape == (2, 3, 5)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_tied_embedding_and_head(backend, small_tiles):
+@every_path
+def test_tied_embedding_and_head(path, small_tiles):
     """The lm_head weight is the embedding matrix: its gradient is the sum of both uses."""
     vocab_size, hidden_size = 40, 16
     embedding = torch.nn.Embedding(vocab_size, hidden_size)
@@ -178,7 +194,7 @@ def test_tied_embedding_and_head(backend, small_tiles):
 
     def ours(embed_weight, head_weight):
         hidden = torch.tanh(torch.nn.functional.embedding(ids, embed_weight) @ mix)
-        return dpo_fast.linear_token_logprobs(hidden, head_weight, labels, shift=True, backend=backend)
+        return dpo_fast.linear_token_logprobs(hidden, head_weight, labels, shift=True, **path)
 
     def grad_of(embed_weight, head_weight, leaf):
         ours(embed_weight, head_weight).sum().backward()
@@ -198,14 +214,15 @@ def test_tied_embedding_and_head(backend, small_tiles):
     torch.testing.assert_close(total.double(), w64.grad, atol=2e-5, rtol=1e-5)
 
 
-def test_autocast_mixed_dtypes():
+@pytest.mark.parametrize("path", [PATHS["torch"], FUSED], ids=["torch", "fused"])
+def test_autocast_mixed_dtypes(path):
     """Under autocast the matmuls run in the autocast dtype, whatever the operands' dtypes;
     gradients come back in each operand's own dtype."""
     hidden, weight, bias = make_head((2, 6), 32, 90, bias=True)
     hidden_bf16 = hidden.detach().bfloat16().requires_grad_()
     labels = make_labels((2, 6), 90)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = dpo_fast.linear_token_logprobs(hidden_bf16, weight, labels, bias=bias, backend="torch")
+        out = dpo_fast.linear_token_logprobs(hidden_bf16, weight, labels, bias=bias, **path)
     assert out.dtype == torch.float32
     out.sum().backward()
     assert hidden_bf16.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
@@ -222,13 +239,13 @@ def test_autocast_mixed_dtypes():
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_stats_match_materialized_logits(backend, small_tiles):
+@every_path
+def test_stats_match_materialized_logits(path, small_tiles):
     hidden, weight, bias = make_head((2, 8), 16, 77, bias=True)
     labels = make_labels((2, 8), 77)
     options = {"temperature": 0.9, "softcap": 4.0, "logit_scale": 1.2}
     logp, stats = dpo_fast.linear_token_logprobs(
-        hidden, weight, labels, bias=bias, stats=dpo_fast.STAT_NAMES, shift=True, backend=backend, **options
+        hidden, weight, labels, bias=bias, stats=dpo_fast.STAT_NAMES, shift=True, **path, **options
     )
     # the same statistics from the reference math on materialized fp32 logits
     logits = (hidden @ weight.T + bias).detach()[:, :-1].reshape(-1, 77)
@@ -252,14 +269,30 @@ def test_stats_match_materialized_logits(backend, small_tiles):
     assert not any(value.requires_grad for value in stats.values()) and logp.requires_grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sequence_logprobs(backend, small_tiles):
+@every_path
+def test_is_top1_ties_go_to_the_first_index(path, small_tiles):
+    """Exact small-integer logits with many tied maxima (an identity head): a label at a
+    maximal index is top-1 only at the first one, as torch.argmax."""
+    vocab_size = 40
+    hidden = torch.randint(0, 3, (2, 12, vocab_size)).float()
+    is_max = hidden == hidden.amax(-1, keepdim=True)
+    first = is_max.int().argmax(-1)
+    last = vocab_size - 1 - is_max.flip(-1).int().argmax(-1)
+    labels = torch.where(torch.rand(2, 12) < 0.5, first, last)
+    _, stats = dpo_fast.linear_token_logprobs(
+        hidden, torch.eye(vocab_size), labels, stats=["is_top1"], **path
+    )
+    expected = labels == first
+    assert expected.any() and not expected.all()
+    assert torch.equal(stats["is_top1"], expected)
+
+
+@every_path
+def test_sequence_logprobs(path, small_tiles):
     hidden, weight, bias = make_head((3, 8), 16, 60, bias=True)
     labels = make_labels((3, 8), 60)
     labels[2] = -100
-    logps, counts = dpo_fast.linear_sequence_logprobs(
-        hidden, weight, labels, bias=bias, shift=True, backend=backend
-    )
+    logps, counts = dpo_fast.linear_sequence_logprobs(hidden, weight, labels, bias=bias, shift=True, **path)
     leaves, per_token = oracle(hidden, weight, bias, labels, shift=True)
     scored = labels[:, 1:] != -100
     torch.testing.assert_close(logps.double(), per_token.sum(-1), atol=1e-4, rtol=1e-5)
@@ -269,7 +302,7 @@ def test_sequence_logprobs(backend, small_tiles):
     torch.testing.assert_close(weight.grad.double(), leaves[1].grad, atol=1e-5, rtol=1e-5)
 
     averaged, _, stats = dpo_fast.linear_sequence_logprobs(
-        hidden, weight, labels, bias=bias, shift=True, average=True, stats=["entropy"], backend=backend
+        hidden, weight, labels, bias=bias, shift=True, average=True, stats=["entropy"], **path
     )
     torch.testing.assert_close(
         averaged.double(), per_token.sum(-1) / scored.sum(-1).clamp(min=1), atol=1e-5, rtol=1e-5
@@ -277,41 +310,46 @@ def test_sequence_logprobs(backend, small_tiles):
     assert averaged[2].item() == 0.0 and stats["entropy"].shape == (3, 7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_segment_sums(backend):
+@every_path
+def test_segment_sums(path):
     hidden, weight, _ = make_head((2, 12), 16, 50)
     labels = make_labels((2, 12), 50, ignore_frac=0.1)
     labels[0, 11] = 7  # segment 3 scores at least one token, so max(segment_ids) + 1 == 4
     segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, 3, 3], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, -1]])
     logps, counts = dpo_fast.linear_sequence_logprobs(
-        hidden, weight, labels, segment_ids=segment_ids, shift=True, backend=backend
+        hidden, weight, labels, segment_ids=segment_ids, shift=True, **path
     )
     # the same sums as the logits API on materialized logits: the code path is shared
     logits = (hidden @ weight.T).detach()
     expected, expected_counts = dpo_fast.sequence_logprobs(
-        logits, labels, segment_ids=segment_ids, shift=True, backend=backend
+        logits, labels, segment_ids=segment_ids, shift=True, backend=path["backend"]
     )
     assert logps.shape == (2, 4)
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(counts, expected_counts)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_grad_and_frozen_weight(backend):
+@every_path
+def test_no_grad_and_frozen_weight(path):
     hidden, weight, bias = make_head((2, 5), 8, 30, bias=True)
     labels = make_labels((2, 5), 30)
     with torch.no_grad():
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path)
     assert not out.requires_grad
     frozen = weight.detach()
-    with_grad = dpo_fast.linear_token_logprobs(hidden, frozen, labels, bias=bias.detach(), backend=backend)
+    with_grad = dpo_fast.linear_token_logprobs(hidden, frozen, labels, bias=bias.detach(), **path)
     torch.testing.assert_close(out, with_grad, atol=0, rtol=0)
     with_grad.sum().backward()
     assert hidden.grad is not None and weight.grad is None
+    # only the bias trains: its gradient alone, still the oracle's
+    dpo_fast.linear_token_logprobs(hidden.detach(), frozen, labels, bias=bias, **path).sum().backward()
+    leaves, expected = oracle(hidden, weight, bias, labels)
+    expected.sum().backward()
+    torch.testing.assert_close(bias.grad.double(), leaves[2].grad, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_extreme_logits(backend):
+@every_path
+def test_extreme_logits(path):
     hidden, weight, bias = make_head((2, 6), 16, 40, bias=True)
     labels = make_labels((2, 6), 40)
     with torch.no_grad():
@@ -321,18 +359,18 @@ def test_extreme_logits(backend):
         hidden.copy_(torch.randint(-3, 4, hidden.shape))
         weight.copy_(torch.randint(-3, 4, weight.shape) * 40.0)
         bias.copy_(torch.randint(-3, 4, bias.shape) * 40.0)
-    check_against_oracle(hidden, weight, bias, labels, backend)
+    check_against_oracle(hidden, weight, bias, labels, path)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic(backend, small_tiles):
+@every_path
+def test_deterministic(path, small_tiles):
     hidden, weight, bias = make_head((3, 9), 16, 70, dtype=torch.bfloat16, bias=True)
     labels = make_labels((3, 9), 70)
 
     def run():
         for leaf in (hidden, weight, bias):
             leaf.grad = None
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, shift=True, backend=backend)
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, shift=True, **path)
         (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
         return out, hidden.grad, weight.grad, bias.grad
 
@@ -355,12 +393,14 @@ class LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.largest_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
         return out
 
 
@@ -383,6 +423,79 @@ def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
     with LargestTensor() as monitor, torch.no_grad():
         torch.log_softmax(hidden @ weight.T, -1)
     assert monitor.largest >= tokens * vocab_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("small_tiles", "poisoned_outputs")
+def test_fused_several_blocks_of_every_kind(dtype):
+    """Three token blocks (the last 6 tokens), seven vocabulary blocks (the last 5 wide) and
+    three steps along H (the last 8 wide) per tile."""
+    hidden, weight, bias = make_head((3, 14), 40, 101, dtype, bias=True)
+    labels = make_labels((3, 14), 101, ignore_frac=0.0)
+    labels[0, :4] = -100  # 38 scored tokens
+    check_against_oracle(hidden, weight, bias, labels, FUSED, softcap=3.0, logit_scale=1.3)
+
+
+def test_fused_allocates_nothing_of_tokens_by_vocab():
+    """The fused kernels write no logits: the largest tensor any op returns in forward and
+    backward is the fp32 weight-gradient accumulator (V x H; in bytes, as Triton's
+    interpreter copies kernel arguments as byte buffers)."""
+    tokens, hidden_size, vocab_size = 256, 16, 512
+    hidden, weight, bias = make_head((tokens,), hidden_size, vocab_size, bias=True)
+    labels = make_labels((tokens,), vocab_size, ignore_frac=0.0)
+    with LargestTensor() as monitor:
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **FUSED)
+        out.sum().backward()
+    assert monitor.largest_bytes == vocab_size * hidden_size * 4
+    assert monitor.largest_bytes * 16 <= tokens * vocab_size * 4
+    assert weight.grad.abs().max() > 0
+
+
+def test_gradient_filtering(small_tiles):
+    """grad_filter_eps skips exactly the tiles without labels whose probabilities are all
+    below eps, within the documented bound; with nothing below eps it changes no bit."""
+    tokens, hidden_size, vocab_size = 48, 16, 150  # 3 x 10 tiles of 16 x 16 (the last 6 wide)
+    hidden, weight, bias = make_head((tokens,), hidden_size, vocab_size, bias=True)
+    with torch.no_grad():
+        # a Zipf-like head: vocabulary blocks 0-1 likely, 2-5 plausible (p ~ 1e-2), 6-9
+        # negligible (p ~ 1e-14): eps = 1e-8 lies far from every tile's largest probability
+        bias.copy_(torch.cat([torch.zeros(32), torch.full((64,), -4.0), torch.full((54,), -40.0)]))
+    labels = torch.randint(0, 32, (tokens,))
+    labels[5] = 131  # one label in block 8: that tile (token block 0) must be kept
+    options = {"softcap": 30.0, "temperature": 0.8}
+    scale, eps = 1 / 0.8, 1e-8
+    upstream = torch.randn(tokens)
+
+    def run(grad_filter_eps):
+        leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+        out = dpo_fast.linear_token_logprobs(
+            leaves[0], leaves[1], labels, bias=leaves[2], grad_filter_eps=grad_filter_eps, **FUSED, **options
+        )
+        return out, torch.autograd.grad((out * upstream).sum(), leaves)
+
+    exact_out, exact = run(None)
+    _, unfiltered = run(1e-30)  # filtering on, every probability above eps
+    assert all(torch.equal(a, b) for a, b in zip(exact, unfiltered, strict=True))
+    out, filtered = run(eps)
+    assert torch.equal(out, exact_out)  # forward untouched
+    assert torch.equal(filtered[2], exact[2])  # the bias gradient is never filtered
+    grad_weight, exact_weight = filtered[1], exact[1]
+    # blocks 0-5 skip nothing: the same bits; blocks 6, 7, 9 skip every tile: exactly zero
+    assert torch.equal(grad_weight[:96], exact_weight[:96])
+    for block in (6, 7, 9):
+        rows = slice(16 * block, 16 * block + 16)
+        assert (grad_weight[rows] == 0).all() and (exact_weight[rows] != 0).any(), block
+    # block 8 keeps the tile with the label and skips the two others
+    assert (grad_weight[128:144] != 0).any() and not torch.equal(grad_weight[128:144], exact_weight[128:144])
+    # the documented bound, plus the fp32 rounding of the sums
+    g = upstream.abs().double()
+    bounds = (
+        eps * scale * g[:, None] * weight.detach().double().abs().sum(0),
+        eps * scale * (g[:, None] * hidden.detach().double().abs()).sum(0).expand(vocab_size, -1),
+    )
+    for ours, ref, bound in zip(filtered[:2], exact[:2], bounds, strict=True):
+        error = (ours.double() - ref.double()).abs()
+        assert (error <= bound + 1e-6 * ref.abs().max().item()).all()
 
 
 def _long(*shape):
@@ -460,6 +573,32 @@ def test_bad_segment_ids():
         dpo_fast.linear_sequence_logprobs(hidden, weight, labels, segment_ids=_long(2, 4))
 
 
+BAD_METHODS = [
+    # (options, error, message)
+    ({"method": "fast"}, ValueError, r"method must be one of \('chunked', 'fused'\), got 'fast'"),
+    ({"method": "fused"}, ValueError, r"method='fused' needs the Triton backend.*backend='auto' resolved"),
+    ({"method": "fused", "backend": "torch"}, ValueError, r"backend='torch' resolved to 'torch'"),
+    ({"method": "fused", "backend": "cpp"}, ValueError, r"method='fused' needs the Triton backend"),
+    ({"grad_filter_eps": 1e-4}, ValueError, r"grad_filter_eps needs method='fused'.*got method='chunked'"),
+    ({"grad_filter_eps": 1e-4, "backend": "triton"}, ValueError, "grad_filter_eps needs method='fused'"),
+    ({**FUSED, "grad_filter_eps": 0.0}, ValueError, r"grad_filter_eps must be in \(0, 1\]"),
+    ({**FUSED, "grad_filter_eps": 1.5}, ValueError, r"grad_filter_eps must be in \(0, 1\]"),
+    ({**FUSED, "grad_filter_eps": float("nan")}, ValueError, r"grad_filter_eps must be in \(0, 1\]"),
+    ({**FUSED, "grad_filter_eps": True}, TypeError, "grad_filter_eps must be None or a float, got bool"),
+    ({**FUSED, "grad_filter_eps": "1e-4"}, TypeError, "grad_filter_eps must be None or a float, got str"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "message"), BAD_METHODS)
+def test_bad_method_and_filter(options, error, message, monkeypatch):
+    monkeypatch.delenv("DPO_FAST_BACKEND", raising=False)  # "auto" must resolve to a CPU backend
+    hidden, weight, labels = torch.randn(2, 3, 8), torch.randn(10, 8), _long(2, 3)
+    with pytest.raises(error, match=message):
+        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
+    with pytest.raises(error, match=message):
+        dpo_fast.linear_sequence_logprobs(hidden, weight, labels, **options)
+
+
 @pytest.mark.gpu
 def test_operands_on_different_devices():
     hidden, weight, labels = torch.randn(2, 3, 8, device="cuda"), torch.randn(10, 8), _long(2, 3).cuda()
@@ -498,3 +637,50 @@ def test_real_sizes_on_gpu(backend):
     torch.testing.assert_close(out[sample], expected, atol=5e-2, rtol=0)
     scale = expected_grad.abs().max().item()
     torch.testing.assert_close(hidden.grad[sample].float(), expected_grad, atol=2e-2 * scale, rtol=0)
+
+
+@pytest.mark.gpu
+def test_fused_real_sizes_on_gpu():
+    """Design (b) at a Llama-3 head, 8k tokens, bf16: design (a)'s log-probs and gradients
+    (within bf16 rounding: (a) rounds the logits to bf16, (b) keeps them in fp32), bitwise
+    reproducible, no [tokens, V] memory, and filtering at 2^-12 within its bound."""
+    tokens, hidden_size, vocab_size = 8192, 4096, 128256
+    hidden = (torch.randn(tokens, hidden_size, device="cuda") * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(vocab_size, hidden_size, device="cuda") * 0.02).bfloat16().requires_grad_()
+    labels = make_labels((tokens,), vocab_size).cuda()
+    upstream = torch.randn(tokens, device="cuda")
+
+    def run(**options):
+        hidden.grad = weight.grad = None
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
+        (out * upstream).sum().backward()
+        return out.detach(), hidden.grad, weight.grad
+
+    chunked = run(method="chunked")
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ours = run(method="fused")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # beyond the weight gradient (fp32 accumulator + bf16 result): O(tokens x H) only
+    assert extra - weight.numel() * 6 < tokens * vocab_size * 2 // 8
+    assert all(torch.equal(a, b) for a, b in zip(ours, run(method="fused"), strict=True))
+    torch.testing.assert_close(ours[0], chunked[0], atol=2e-2, rtol=0)
+    for name, a, b in zip(("hidden", "weight"), ours[1:], chunked[1:], strict=True):
+        scale = b.float().abs().max().item()
+        torch.testing.assert_close(
+            a.float(), b.float(), atol=2e-2 * scale, rtol=0, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+    eps = 2.0**-12
+    filtered = run(method="fused", grad_filter_eps=eps)
+    g = upstream.abs()
+    bounds = (
+        eps * g[:, None] * weight.detach().float().abs().sum(0),
+        eps * (g[:, None] * hidden.detach().float().abs()).sum(0),
+    )
+    for a, b, bound in zip(filtered[1:], ours[1:], bounds, strict=True):
+        # plus one bf16 rounding of each result
+        assert ((a.float() - b.float()).abs() <= bound + 2.0**-7 * b.float().abs()).all()
