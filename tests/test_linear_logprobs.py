@@ -664,8 +664,10 @@ def test_fused_real_sizes_on_gpu():
     ours = run(method="fused")
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    # beyond the weight gradient (fp32 accumulator + bf16 result): O(tokens x H) only
-    assert extra - weight.numel() * 6 < tokens * vocab_size * 2 // 8
+    # beyond the weight gradient (fp32 accumulator + bf16 result): O(tokens x H) only (the
+    # gathered rows, their fp32 and bf16 gradients, hidden's gradient: ~270 MiB), far below
+    # one bf16 [tokens, V] tensor (2 GiB)
+    assert extra - weight.numel() * 6 < tokens * vocab_size * 2 // 4
     assert all(torch.equal(a, b) for a, b in zip(ours, run(method="fused"), strict=True))
     torch.testing.assert_close(ours[0], chunked[0], atol=2e-2, rtol=0)
     for name, a, b in zip(("hidden", "weight"), ours[1:], chunked[1:], strict=True):
