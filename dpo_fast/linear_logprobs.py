@@ -31,7 +31,7 @@ from types import ModuleType
 import torch
 
 from .backends import resolve_backend
-from .logprobs import _implementation, sequence_sums
+from .logprobs import _implementation, new_buffer, sequence_sums
 from .validation import check_labels, check_linear_head, check_linear_method, check_stats, check_transform
 
 # Upper bound on one (chunk, V) logits tile, in bytes; the only [*, V] buffer alive.
@@ -102,7 +102,7 @@ def _forward_chunks(
         for name in stats
     }
     step = chunk_rows(V, weight.dtype, rows.device)
-    buffer = torch.empty((min(n, step), V), device=rows.device, dtype=weight.dtype)
+    buffer = new_buffer((min(n, step), V), weight.dtype, rows.device, impl)
     for start, end in _chunks(n, step):
         tile = buffer[: end - start]
         _project(tile, rows[start:end], weight, bias)
@@ -177,7 +177,7 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_bias = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_bias else None
             grad_logp = grad_logp.float().contiguous()
             step = chunk_rows(V, dtype, rows.device)
-            buffer = torch.empty((min(n, step), V), device=rows.device, dtype=dtype)
+            buffer = new_buffer((min(n, step), V), dtype, rows.device, impl)
             for start, end in _chunks(n, step):
                 rows_c = rows[start:end].to(dtype)
                 tile = buffer[: end - start]
