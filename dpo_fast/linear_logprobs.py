@@ -10,17 +10,18 @@ No tensor of ``tokens x V`` elements exists, in forward or backward. Data flow:
    writes a ``(chunk, V)`` logits tile in the compute dtype, and the core backend's
    ``logprobs_forward`` (Triton kernel, chunked PyTorch, or the C++ CPU kernel, whichever
    ``dpo_fast.logprobs._implementation`` picks) folds it into per-token ``logp`` and ``lse``.
-   Only those O(tokens) values are saved.
-3. ``backward`` recomputes each tile (same matmul, same bits), turns it into the logits
-   gradient in place with the backend's ``logprobs_backward(grad_x=tile)`` and multiplies it
-   out: ``grad_rows = tile @ W`` per chunk, ``grad_W += tile.T @ rows`` and
-   ``grad_b += tile.sum(0)`` accumulated in fp32 across chunks, in chunk order (no atomics,
-   so two runs give the same bits).
+   Those O(tokens) values are saved, and the one tile buffer is kept for backward.
+3. ``backward`` starts with the last chunk, whose logits are still in the tile buffer, then
+   recomputes each other tile (same matmul, same bits), turns it into the logits gradient in
+   place with the backend's ``logprobs_backward(grad_x=tile)`` and multiplies it out:
+   ``grad_rows = tile @ W`` per chunk, ``grad_W += tile.T @ rows`` and
+   ``grad_b += tile.sum(0)`` accumulated in fp32 across chunks, in a fixed order (no
+   atomics, so two runs give the same bits).
 
 ``method="fused"`` (design (b), opt-in, Triton only) replaces steps 2-3 with the kernels of
 ``dpo_fast.kernels.linear_logprobs`` (``_FusedLinearLogprobs``): the logits tiles never leave
-SRAM, and ``grad_filter_eps`` may skip backward tiles whose softmax is negligible. Steps 1
-and 4, validation, dtypes and autocast are shared.
+SRAM, and ``grad_filter_eps`` may skip backward tiles whose softmax is negligible. Step 1,
+the unpacking of the results, dtypes and autocast are shared.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from .validation import check_labels, check_linear_head, check_linear_method, ch
 # GPU: every chunk adds its product into the fp32 (V, H) weight-gradient accumulator, which
 # cuBLAS reads and writes once per chunk (4.2 GB for a 128k x 4096 head); below ~2048 tokens
 # per chunk that traffic, not the FLOPs, bounds the matmul on an H100. 512 MiB is 2048 tokens
-# of a 128k bf16 vocabulary. CPU: the matmuls lose efficiency below a few hundred rows (the
-# 2048 x 512 x 32000 fp32 target runs fastest at 512 rows = 64 MiB of the sizes measured).
+# of a 128k bf16 vocabulary. CPU: the matmuls lose efficiency below a few hundred rows, and
+# backward skips one recompute (the last tile): at 2048 x 512 x 32000 fp32, forward+backward
+# took 1.59 / 1.42 / 1.37 s with 32 / 64 / 128 MiB tiles, naive matmul+log_softmax 1.35 s.
 TILE_BYTES = {"cuda": 512 << 20}
-DEFAULT_TILE_BYTES = 64 << 20
+DEFAULT_TILE_BYTES = 128 << 20
 
 
 def chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -92,8 +94,9 @@ def _forward_chunks(
     impl: ModuleType,
     options: dict,
     stats: tuple[str, ...],
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token ``logp``, ``lse`` (fp32 ``(n,)``) and statistics for compute-dtype operands."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Per-token ``logp``, ``lse`` (fp32 ``(n,)``) and statistics for compute-dtype operands,
+    and the ``(chunk, V)`` tile buffer, which still holds the last chunk's logits."""
     n, V = rows.shape[0], weight.shape[0]
     logp = torch.empty(n, device=rows.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
@@ -113,7 +116,7 @@ def _forward_chunks(
         lse[start:end] = chunk_lse[0]
         for name, value in chunk_stats.items():
             out[name][start:end] = value[0]
-    return logp, lse, out
+    return logp, lse, out, buffer
 
 
 def _cast(dtype: torch.dtype, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
@@ -127,7 +130,7 @@ def _in_own_dtypes(grads: tuple, operands: tuple) -> tuple:
 
 
 def _run_forward(rows, weight, bias, labels, compute_dtype, impl, options, stats):
-    """Cast the operands to the compute dtype and run the chunked forward."""
+    """Cast the operands to the compute dtype and run the chunked forward (``_forward_chunks``)."""
     with torch.autocast(rows.device.type, enabled=False):
         return _forward_chunks(*_cast(compute_dtype, rows, weight, bias), labels, impl, options, stats)
 
@@ -155,9 +158,16 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, bias, labels, compute_dtype, impl, options, stats):
-        logp, lse, stat_values = _run_forward(rows, weight, bias, labels, compute_dtype, impl, options, stats)
+        logp, lse, stat_values, buffer = _run_forward(
+            rows, weight, bias, labels, compute_dtype, impl, options, stats
+        )
         ctx.save_for_backward(rows, weight, bias, labels, logp, lse)
         ctx.compute_dtype, ctx.impl, ctx.options = compute_dtype, impl, options
+        # The tile buffer outlives forward: backward needs one of the same size, and it holds
+        # the last chunk's logits, which backward then need not recompute (one matmul of
+        # n / chunk fewer). The lm_head is a model's last layer, so its backward comes next
+        # and the buffer is not held across the rest of the network.
+        ctx.buffer = buffer
         ctx.mark_non_differentiable(*stat_values.values())
         return (logp, *stat_values.values())
 
@@ -177,11 +187,17 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_bias = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_bias else None
             grad_logp = grad_logp.float().contiguous()
             step = chunk_rows(V, dtype, rows.device)
-            buffer = new_buffer((min(n, step), V), dtype, rows.device, impl)
-            for start, end in _chunks(n, step):
+            chunks = list(_chunks(n, step))
+            buffer, ctx.buffer = ctx.buffer, None
+            holds_last_tile = buffer is not None  # not in a second backward (retain_graph)
+            if not holds_last_tile:
+                buffer = new_buffer((min(n, step), V), dtype, rows.device, impl)
+            # the last chunk first, while its forward logits are still in the buffer
+            for index, (start, end) in enumerate(chunks[-1:] + chunks[:-1]):
                 rows_c = rows[start:end].to(dtype)
                 tile = buffer[: end - start]
-                _project(tile, rows_c, weight_c, bias_c)
+                if index > 0 or not holds_last_tile:
+                    _project(tile, rows_c, weight_c, bias_c)
                 x = tile.unsqueeze(0)
                 impl.logprobs_backward(
                     grad_logp[start:end].unsqueeze(0),
@@ -336,7 +352,7 @@ def linear_token_logprobs(
         logp, *stat_values = function.apply(*args, *extra)
         stat_dict = dict(zip(stats, stat_values, strict=True))
     else:
-        logp, _, stat_dict = run(*args)
+        logp, _, stat_dict = run(*args)[:3]  # the chunked run also returns its tile buffer
     per_token = _unpack(logp, scored)
     if not stats:
         return per_token

@@ -362,6 +362,34 @@ def test_extreme_logits(path):
     check_against_oracle(hidden, weight, bias, labels, path)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_backward_reuses_the_last_forward_tile(backend, small_tiles, monkeypatch):
+    """Chunked backward recomputes every tile but the last, whose logits forward left in the
+    buffer; a second backward (retain_graph) has no such tile and recomputes all, with the
+    same result."""
+    projections = []
+    real_project = linear._project
+    monkeypatch.setattr(linear, "_project", lambda *a: projections.append(1) or real_project(*a))
+    hidden, weight, bias = make_head((2, 7), 8, 50, bias=True)
+    labels = make_labels((2, 7), 50, ignore_frac=0.0)  # 14 scored tokens: 5 chunks of <= 3
+    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+    assert len(projections) == 5
+    upstream = torch.randn_like(out)
+    grads = []
+    for expected_projections in (4, 5):
+        projections.clear()
+        (out * upstream).sum().backward(retain_graph=True)
+        assert len(projections) == expected_projections
+        grads.append([leaf.grad for leaf in (hidden, weight, bias)])
+        for leaf in (hidden, weight, bias):
+            leaf.grad = None
+    leaves, expected = oracle(hidden, weight, bias, labels)
+    (expected * upstream.double()).sum().backward()
+    for first, second, oracle_leaf in zip(*grads, leaves, strict=True):
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first.double(), oracle_leaf.grad, rtol=0, atol=1e-4)
+
+
 @every_path
 def test_deterministic(path, small_tiles):
     hidden, weight, bias = make_head((3, 9), 16, 70, dtype=torch.bfloat16, bias=True)
