@@ -125,8 +125,13 @@ def test_head_matches_trl_head(tokenizer, kernel_calls, transform, temperature):
     weights = torch.randn_like(ours_out.log_probs)
     (ours_out.log_probs * weights).sum().backward()
     (theirs_out.log_probs * weights).sum().backward()
+    # two fp32 evaluations differ by rounding, which the backbone's backward spreads over every
+    # parameter: entries near zero are compared against the gradient's largest entry
     for (name, p), q in zip(model.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        atol = 1e-5 * q.grad.abs().max().item()
+        torch.testing.assert_close(
+            p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_head_shift_labels_num_items_and_plain_forward(tokenizer):
@@ -261,8 +266,13 @@ def test_head_layouts_match_trl_head(tokenizer, kernel_calls, lowered, layout):
     weights = torch.randn_like(ours_out.log_probs)
     (ours_out.log_probs * weights).sum().backward()
     (theirs_out.log_probs * weights).sum().backward()
+    # two fp32 evaluations differ by rounding, which the backbone's backward spreads over every
+    # parameter: entries near zero are compared against the gradient's largest entry
     for (name, p), q in zip(model.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        atol = 1e-5 * q.grad.abs().max().item()
+        torch.testing.assert_close(
+            p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
     # what a re-laid-out batch cannot carry is refused, not ignored
     with pytest.raises(NotImplementedError, match="position_ids"):
         model(**kwargs, position_ids=torch.arange(input_ids.shape[1]).expand_as(input_ids))
