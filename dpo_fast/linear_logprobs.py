@@ -164,9 +164,8 @@ class _LinearLogprobs(torch.autograd.Function):
         ctx.save_for_backward(rows, weight, bias, labels, logp, lse)
         ctx.compute_dtype, ctx.impl, ctx.options = compute_dtype, impl, options
         # The tile buffer outlives forward: backward needs one of the same size, and it holds
-        # the last chunk's logits, which backward then need not recompute (one matmul of
-        # n / chunk fewer). The lm_head is a model's last layer, so its backward comes next
-        # and the buffer is not held across the rest of the network.
+        # the last chunk's logits, which backward then need not recompute (one tile's matmul
+        # fewer). The lm_head is a model's last layer, so its backward usually comes next.
         ctx.buffer = buffer
         ctx.mark_non_differentiable(*stat_values.values())
         return (logp, *stat_values.values())
