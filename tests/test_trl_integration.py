@@ -89,6 +89,35 @@ def random_labels(input_ids: torch.Tensor) -> torch.Tensor:
 FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs", "label_mask", "loss")
 
 
+def assert_same_outputs(ours_out, theirs_out) -> None:
+    """Every field of TRL's fused-head output matches; fields TRL left None are None in ours."""
+    for field in FIELDS:
+        a, b = getattr(ours_out, field), getattr(theirs_out, field)
+        if b is None:  # not requested
+            assert a is None, field
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, field
+        if a.dtype == torch.bool:
+            # a near-tie between the label's logit and the arg-max may resolve either way
+            assert (a != b).float().mean() <= 0.05, field
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=field)
+
+
+def assert_same_parameter_grads(model, ours_out, theirs, theirs_out) -> None:
+    """Gradients of one random weighting of the log-probs agree on every parameter."""
+    weights = torch.randn_like(ours_out.log_probs)
+    (ours_out.log_probs * weights).sum().backward()
+    (theirs_out.log_probs * weights).sum().backward()
+    # two fp32 evaluations differ by rounding, which the backbone's backward spreads over every
+    # parameter: entries near zero are compared against the gradient's largest entry
+    for (name, p), q in zip(model.named_parameters(), theirs.parameters(), strict=True):
+        atol = 1e-5 * q.grad.abs().max().item()
+        torch.testing.assert_close(
+            p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
 @pytest.mark.parametrize(
     "transform",
     [{}, {"final_logit_softcapping": 2.0, "logit_scale": 3.0}, {"logits_scaling": 4.0}],
@@ -111,27 +140,9 @@ def test_head_matches_trl_head(tokenizer, kernel_calls, transform, temperature):
     ours_out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
     theirs_out = theirs(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert kernel_calls, "our kernel did not run"
-    for field in FIELDS:
-        a, b = getattr(ours_out, field), getattr(theirs_out, field)
-        assert a.shape == b.shape and a.dtype == b.dtype, field
-        if a.dtype == torch.bool:
-            # a near-tie between the label's logit and the arg-max may resolve either way
-            assert (a != b).float().mean() <= 0.05, field
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=field)
+    assert_same_outputs(ours_out, theirs_out)
     assert not ours_out.log_probs[~ours_out.label_mask].any(), "ignored positions must be 0"
-
-    # gradients of a loss through the log-probs, on every parameter
-    weights = torch.randn_like(ours_out.log_probs)
-    (ours_out.log_probs * weights).sum().backward()
-    (theirs_out.log_probs * weights).sum().backward()
-    # two fp32 evaluations differ by rounding, which the backbone's backward spreads over every
-    # parameter: entries near zero are compared against the gradient's largest entry
-    for (name, p), q in zip(model.named_parameters(), theirs.parameters(), strict=True):
-        atol = 1e-5 * q.grad.abs().max().item()
-        torch.testing.assert_close(
-            p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
-        )
+    assert_same_parameter_grads(model, ours_out, theirs, theirs_out)
 
 
 def test_head_shift_labels_num_items_and_plain_forward(tokenizer):
@@ -253,26 +264,8 @@ def test_head_layouts_match_trl_head(tokenizer, kernel_calls, lowered, layout):
     }
     ours_out, theirs_out = model(**kwargs), theirs(**kwargs)
     assert kernel_calls and lowered == [layout]
-    for field in FIELDS:
-        a, b = getattr(ours_out, field), getattr(theirs_out, field)
-        if b is None:  # not requested
-            assert a is None, field
-            continue
-        assert a.shape == b.shape and a.dtype == b.dtype, field
-        if a.dtype == torch.bool:
-            assert (a != b).float().mean() <= 0.05, field
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=field)
-    weights = torch.randn_like(ours_out.log_probs)
-    (ours_out.log_probs * weights).sum().backward()
-    (theirs_out.log_probs * weights).sum().backward()
-    # two fp32 evaluations differ by rounding, which the backbone's backward spreads over every
-    # parameter: entries near zero are compared against the gradient's largest entry
-    for (name, p), q in zip(model.named_parameters(), theirs.parameters(), strict=True):
-        atol = 1e-5 * q.grad.abs().max().item()
-        torch.testing.assert_close(
-            p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
-        )
+    assert_same_outputs(ours_out, theirs_out)
+    assert_same_parameter_grads(model, ours_out, theirs, theirs_out)
     # what a re-laid-out batch cannot carry is refused, not ignored
     with pytest.raises(NotImplementedError, match="position_ids"):
         model(**kwargs, position_ids=torch.arange(input_ids.shape[1]).expand_as(input_ids))
