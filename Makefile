@@ -15,7 +15,7 @@ install:
 # DPO on the bundled hh-rlhf subset: a tiny random Llama on CPU (a few minutes on 2 cores), a
 # larger one with the Triton kernels on a GPU. Outputs (checkpoint, metrics) go to build/demo.
 demo: install
-	$(PYTHON) -m dpo_fast.cli train --output-dir build/demo
+	$(PYTHON) -m dpo_fast.app.cli train --output-dir build/demo
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 import dpo_fast
-from dpo_fast import cpp
+from dpo_fast.ops import cpp
 
 try:
     from common import median, print_table, write_results

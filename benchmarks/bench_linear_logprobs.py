@@ -113,7 +113,7 @@ def _cpu_peak_child(name: str, shape: tuple[int, int, int], dtype_name: str, for
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         call()  # the first call loads libraries (C++ kernels, ...): measure the second one
         hidden.grad = weight.grad = None
-        dpo_fast.cpp.empty_cache()  # the cached tile buffer counts in the peak, not in "before"
+        dpo_fast.ops.cpp.empty_cache()  # the cached tile buffer counts in the peak, not in "before"
         before = _current_rss()
         call()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .linear_logprobs import linear_sequence_logprobs
-from .losses import REFERENCE_FREE, _loss_weights, preference_loss
+from .preference_loss import REFERENCE_FREE, _loss_weights, preference_loss
 
 
 class FusedLinearPreferenceAux(NamedTuple):

@@ -4,7 +4,7 @@ Data flow: validate -> view the logits as ``(B, T, V)`` (the shift is a slice, n
 -> a backend's ``logprobs_forward`` writes per-token log-probs and log-sum-exp ->
 ``_TokenLogprobs.backward`` recomputes the softmax row by row into the gradient buffer.
 Backends share one calling convention: ``dpo_fast.kernels.logprobs`` (Triton) and
-``dpo_fast.chunked`` (PyTorch).
+``dpo_fast.ops.logprobs`` (PyTorch).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from types import ModuleType
 
 import torch
 
-from . import chunked, cpp
-from .backends import resolve_backend
+from .ops import cpp
+from .ops import logprobs as chunked
+from .registry import resolve_backend
 from .segments import count_segments, segment_sum
-from .validation import check_float_tensor, check_labels, check_segment_ids, check_stats, check_transform
+from .checks import check_float_tensor, check_labels, check_segment_ids, check_stats, check_transform
 
 
 def _implementation(backend: str) -> ModuleType:
@@ -138,7 +139,7 @@ def token_logprobs(
         inplace_backward: backward writes the logits' gradient into the logits' own storage,
             so a step holds one ``[tokens, V]`` buffer instead of two. Destroys the logits.
             Needs contiguous logits; otherwise backward uses a separate buffer as usual.
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` (see ``dpo_fast.backends``).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` (see ``dpo_fast.registry``).
 
     Returns:
         float32 ``(..., T)`` (``(..., T - 1)`` with ``shift``), 0.0 at ignored positions; with

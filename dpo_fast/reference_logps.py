@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from .data import PreferenceCollator, check_layout
+from .collate import PreferenceCollator, check_layout
 from .hf import concatenated_forward
 
 logger = logging.getLogger(__name__)

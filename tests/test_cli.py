@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-import dpo_fast.cli as cli
-import dpo_fast.train as train_module
-from dpo_fast.datasets import (
+import dpo_fast.app.cli as cli
+import dpo_fast.app.train as train_module
+from dpo_fast.app.pairs import (
     BUNDLED_DATA,
     DataError,
     load_preference_data,
@@ -219,7 +219,7 @@ def test_error_bad_options(tmp_path, capsys, flags, message):
 def test_console_entry_point_prints_no_traceback(tmp_path):
     """The real process: exit status 2 and one line on stderr, no traceback."""
     result = subprocess.run(
-        [sys.executable, "-m", "dpo_fast.cli", "train", "--data", str(tmp_path / "x.jsonl")],
+        [sys.executable, "-m", "dpo_fast.app.cli", "train", "--data", str(tmp_path / "x.jsonl")],
         capture_output=True,
         text=True,
         cwd=tmp_path,

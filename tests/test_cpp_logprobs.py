@@ -16,8 +16,9 @@ import torch
 from helpers import make_labels
 
 import dpo_fast
-from dpo_fast import chunked, cpp
-from dpo_fast.reference import STAT_NAMES, dense_token_logprobs
+from dpo_fast.ops import cpp
+from dpo_fast.ops import logprobs as chunked
+from dpo_fast.formulas import STAT_NAMES, dense_token_logprobs
 
 # Logits per chunk in csrc/logprobs_cpu.cpp: vocabularies around it cross chunk boundaries.
 CHUNK = 2048
@@ -234,7 +235,7 @@ FALLBACK_SCRIPT = textwrap.dedent(
     import warnings
     import torch
     import dpo_fast
-    from dpo_fast.reference import dense_token_logprobs
+    from dpo_fast.formulas import dense_token_logprobs
 
     logits = torch.randn(2, 3, 50, requires_grad=True)
     labels = torch.randint(0, 50, (2, 3))

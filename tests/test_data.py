@@ -1,11 +1,11 @@
-"""PreferenceCollator and the layout builders of dpo_fast.data, on hand-checked examples."""
+"""PreferenceCollator and the layout builders of dpo_fast.collate, on hand-checked examples."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dpo_fast.data import (
+from dpo_fast.collate import (
     Pair,
     PreferenceCollator,
     collate_packed,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpo_fast import FusedLinearPreferenceLoss, preference_loss
-from dpo_fast.reference import dense_token_logprobs
+from dpo_fast.formulas import dense_token_logprobs
 
 LIGER_DPO_TYPES = [
     "sigmoid",

@@ -15,7 +15,7 @@ import transformers
 from torch import nn
 
 from dpo_fast import STAT_NAMES, concatenated_forward
-from dpo_fast.data import PreferenceCollator
+from dpo_fast.collate import PreferenceCollator
 from dpo_fast.hf.masks import block_attention_mask
 
 VOCAB = 128

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dpo_fast
 import dpo_fast.kernels.linear_logprobs as fused
 import dpo_fast.linear_logprobs as linear
-from dpo_fast.reference import dense_token_logprobs, rows_forward
+from dpo_fast.formulas import dense_token_logprobs, rows_forward
 
 # (backend, method): design (a) on every backend, design (b) on Triton
 PATHS = {

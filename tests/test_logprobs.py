@@ -10,7 +10,7 @@ import torch
 from helpers import make_labels
 
 import dpo_fast
-from dpo_fast.reference import dense_token_logprobs
+from dpo_fast.formulas import dense_token_logprobs
 
 BACKENDS = ["torch", "triton", "cpp", "auto"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -312,7 +312,7 @@ def test_empty_batch(backend):
 
 def test_env_var_selects_backend(monkeypatch):
     calls = []
-    import dpo_fast.chunked as chunked
+    import dpo_fast.ops.logprobs as chunked
 
     real = chunked.logprobs_forward
     monkeypatch.setattr(chunked, "logprobs_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -400,7 +400,7 @@ def test_more_than_2_pow_31_elements_on_gpu():
 
 def test_torch_backend_holds_one_chunk_of_softmax(monkeypatch):
     """The chunked backend never hands the reference math more than CHUNK_ELEMENTS logits."""
-    import dpo_fast.chunked as chunked
+    import dpo_fast.ops.logprobs as chunked
 
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 1000)
     seen_rows = []

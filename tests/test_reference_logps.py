@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dpo_fast.reference_logps as reference_logps
-from dpo_fast.data import PreferenceCollator
+from dpo_fast.collate import PreferenceCollator
 from dpo_fast.reference_logps import (
     data_fingerprint,
     model_fingerprint,
@@ -99,7 +99,7 @@ def test_dataloader_input_and_order():
 
 
 def test_string_examples_with_tokenizer_collator():
-    from dpo_fast.datasets import load_preference_data, train_bpe_tokenizer
+    from dpo_fast.app.pairs import load_preference_data, train_bpe_tokenizer
 
     pairs = load_preference_data(limit=5)
     tokenizer = train_bpe_tokenizer(pairs, vocab_size=300)

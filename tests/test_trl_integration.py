@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head  # noqa: E402
 
 import dpo_fast.integrations.trl as fast_trl  # noqa: E402
-from dpo_fast.datasets import load_preference_data, train_bpe_tokenizer  # noqa: E402
+from dpo_fast.app.pairs import load_preference_data, train_bpe_tokenizer  # noqa: E402
 
 STEPS = 10
 METRICS = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "rewards/chosen")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..data import (
+from ..collate import (
     check_layout,
     collate_packed,
     collate_prefix_shared,
@@ -28,7 +28,7 @@ from ..data import (
     sequences_from_padded,
 )
 from ..linear_logprobs import linear_sequence_logprobs
-from ..validation import check_stats
+from ..checks import check_stats
 from .check import self_check
 from .masks import block_attention_mask, is_flash
 from .model import Head, find_backbone, find_head, run_backbone, text_config, unwrap_model
@@ -237,7 +237,7 @@ def concatenated_forward(
         batch: for ``"padded"``, TRL's collated format: ``input_ids`` ``[2B, T]`` (B chosen
             rows then B rejected rows), ``attention_mask`` and ``completion_mask`` (1 on
             completion tokens), optionally ``position_ids``. For ``"packed"`` and
-            ``"prefix_shared"``, the output of ``dpo_fast.data.PreferenceCollator`` for that
+            ``"prefix_shared"``, the output of ``dpo_fast.collate.PreferenceCollator`` for that
             layout, or a padded batch, which is then re-laid out on the host.
         layout: ``"padded"`` (one forward over ``[2B, T]``), ``"packed"`` (sequences end to
             end, no padding) or ``"prefix_shared"`` (``[prompt | chosen | rejected]``: the

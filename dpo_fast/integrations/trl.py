@@ -38,12 +38,12 @@ from packaging.version import Version
 from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
-from ..data import check_layout
+from ..collate import check_layout
 from ..hf.check import self_check
 from ..hf.forward import lower_batch
 from ..hf.model import HeadTransform, find_backbone, find_head, run_backbone
 from ..linear_logprobs import linear_token_logprobs
-from ..reference import STAT_NAMES
+from ..formulas import STAT_NAMES
 
 # The TRL releases whose fused-head protocol (signature, output fields, call sites) this module
 # implements; keep in step with the `trl` extra in setup.py.

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .reference import STAT_NAMES
+from .formulas import STAT_NAMES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

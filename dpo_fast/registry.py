@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import cpp
+from .ops import cpp
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 ENV_VAR = "DPO_FAST_BACKEND"

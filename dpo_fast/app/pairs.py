@@ -6,7 +6,7 @@ the shared prompt and two completions. Every problem in a file raises :class:`Da
 naming the file and line, so the CLI can print it on one line.
 
 The bundled default, :data:`BUNDLED_DATA`, is a 512-pair subset of Anthropic's hh-rlhf
-(harmless-base test split, MIT licence): see ``dpo_fast/assets/README.md``.
+(harmless-base test split, MIT licence): see ``dpo_fast/app/assets/README.md``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The library registers the custom operators ``torch.ops.dpo_fast.logprobs_forward
 ``logprobs_backward_cpu`` and ``cached_empty_cpu`` (with fake implementations, so
 ``torch.compile`` can trace them).
 Without a working compiler :func:`available` returns False after one warning, and
-``dpo_fast.backends`` falls back to the PyTorch backend.
+``dpo_fast.registry`` falls back to the PyTorch backend.
 
 The code is built for the instruction set PyTorch dispatches to on this machine
 (``torch.backends.cpu.get_cpu_capability()``): AVX512, AVX2 or portable code.
@@ -46,12 +46,12 @@ _state: dict[str, object] = {}  # "loaded": True, or "error": the reason the bui
 
 
 def _source_dir() -> Path:
-    # installed: dpo_fast/csrc (setup.py's package data); a source checkout: the repository's csrc/
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    # installed: dpo_fast/csrc (copied there by setup.py); a source checkout: the repository's csrc/
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / _SOURCES[0]).is_file():
             return candidate
-    raise FileNotFoundError(f"C++ sources {_SOURCES} not found next to {here}")
+    raise FileNotFoundError(f"C++ sources {_SOURCES} not found in {package}/csrc or {package.parent}/csrc")
 
 
 def _compile_flags() -> list[str]:

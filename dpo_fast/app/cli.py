@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import LAYOUTS
-from .datasets import DataError
+from ..collate import LAYOUTS
+from .pairs import DataError
 from .train import MODEL_CONFIGS, SetupError, TrainConfig, train
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

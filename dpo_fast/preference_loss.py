@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backends import resolve_backend
+from .registry import resolve_backend
 
 LOSS_TYPES = (
     "sigmoid",
@@ -590,7 +590,7 @@ def preference_loss(
             ``-logsigmoid(beta x_c - delta) - logsigmoid(-(beta x_r - delta))``. TRL 1.16 uses
             none (0, the default); TRL <= 0.2x shifted by a running mean of the rewards: keep
             that mean yourself (e.g. on the device) and pass it here.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``dpo_fast.backends``).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``dpo_fast.registry``).
 
     Returns:
         :class:`PreferenceLossOutput` ``(loss, chosen_rewards, rejected_rewards, metrics)``,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .reference import rows_backward, rows_forward
+from ..formulas import rows_backward, rows_forward
 
 # Elements of [rows, V] fp32 softmax alive per chunk (4 MiB).
 CHUNK_ELEMENTS = 1 << 20

@@ -1,10 +1,10 @@
 """DPO in a plain PyTorch loop on dpo_fast's kernels (no TRL): what ``dpo-fast train`` runs.
 
-Data flow: pairs (:mod:`dpo_fast.datasets`) -> a tokenizer (a local one, or a BPE learned from
+Data flow: pairs (:mod:`dpo_fast.app.pairs`) -> a tokenizer (a local one, or a BPE learned from
 the pairs) -> every pair tokenized and truncated once -> the reference model's log-probs
 precomputed once (:mod:`dpo_fast.reference_logps`, cached) -> each step: a shuffled batch
 collated for the layout -> :func:`dpo_fast.concatenated_forward` (policy, fused head) ->
-:func:`dpo_fast.losses.preference_loss` -> AdamW. Per-step metrics go to
+:func:`dpo_fast.preference_loss.preference_loss` -> AdamW. Per-step metrics go to
 ``<output_dir>/metrics.jsonl``; checkpoints to ``<output_dir>/checkpoint``.
 
 The reference model is the initial policy: a model directory, or a random Llama built from a
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import LAYOUTS, Pair, PreferenceCollator
-from .datasets import BUNDLED_DATA, DataError, load_preference_data, train_bpe_tokenizer
-from .hf import concatenated_forward
-from .losses import LOSS_TYPES, REFERENCE_FREE, preference_loss
-from .reference_logps import ReferenceLogps, precompute_reference_logps, to_device
+from ..collate import LAYOUTS, Pair, PreferenceCollator
+from .pairs import BUNDLED_DATA, DataError, load_preference_data, train_bpe_tokenizer
+from ..hf import concatenated_forward
+from ..preference_loss import LOSS_TYPES, REFERENCE_FREE, preference_loss
+from ..reference_logps import ReferenceLogps, precompute_reference_logps, to_device
 
 # Random-init Llama shapes for runs without --model. "tiny" trains in minutes on a laptop
 # CPU; "small" (~30M parameters with its 8k vocabulary) is the GPU default.
@@ -235,7 +235,7 @@ def _batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> 
 
 
 def _loss(out, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, config: TrainConfig):
-    """The configured preference loss (a ``dpo_fast.losses.PreferenceLossOutput``) of a
+    """The configured preference loss (a ``dpo_fast.preference_loss.PreferenceLossOutput``) of a
     ``ConcatenatedOutput``."""
     reference_free = all(t in REFERENCE_FREE for t in config.loss_type)
     needs_nll = bool({"orpo", "cpo"} & set(config.loss_type))
