@@ -37,8 +37,8 @@ import torch
 import transformers
 
 import dpo_fast
-from dpo_fast.collate import PreferenceCollator
 from dpo_fast.app.pairs import load_preference_data, train_bpe_tokenizer
+from dpo_fast.collate import PreferenceCollator
 
 try:
     from common import median, print_table, synchronize, write_results

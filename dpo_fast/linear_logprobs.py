@@ -31,9 +31,9 @@ from types import ModuleType
 
 import torch
 
-from .registry import resolve_backend
-from .logprobs import _implementation, new_buffer, sequence_sums
 from .checks import check_labels, check_linear_head, check_linear_method, check_stats, check_transform
+from .logprobs import _implementation, new_buffer, sequence_sums
+from .registry import resolve_backend
 
 # Upper bound on one (chunk, V) logits tile, in bytes; the only [*, V] buffer alive.
 # GPU: every chunk adds its product into the fp32 (V, H) weight-gradient accumulator, which

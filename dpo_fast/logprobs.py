@@ -15,11 +15,11 @@ from types import ModuleType
 
 import torch
 
+from .checks import check_float_tensor, check_labels, check_segment_ids, check_stats, check_transform
 from .ops import cpp
 from .ops import logprobs as chunked
 from .registry import resolve_backend
 from .segments import count_segments, segment_sum
-from .checks import check_float_tensor, check_labels, check_segment_ids, check_stats, check_transform
 
 
 def _implementation(backend: str) -> ModuleType:

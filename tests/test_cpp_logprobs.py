@@ -16,9 +16,9 @@ import torch
 from helpers import make_labels
 
 import dpo_fast
+from dpo_fast.formulas import STAT_NAMES, dense_token_logprobs
 from dpo_fast.ops import cpp
 from dpo_fast.ops import logprobs as chunked
-from dpo_fast.formulas import STAT_NAMES, dense_token_logprobs
 
 # Logits per chunk in csrc/logprobs_cpu.cpp: vocabularies around it cross chunk boundaries.
 CHUNK = 2048

@@ -64,7 +64,18 @@ def test_kernels_come_from_the_checkout_of_dpo_fast(tmp_path):
 
 def test_wheel_holds_the_kernels_inside_dpo_fast(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            tmp_path,
+            ROOT,
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -81,7 +92,5 @@ def test_wheel_holds_the_kernels_inside_dpo_fast(tmp_path):
     # the installed package's kernels resolve to its own copies
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    out = _python(
-        "import dpo_fast.kernels.logprobs as k; print(k.__file__)", cwd=tmp_path, pythonpath=[site]
-    )
+    out = _python("import dpo_fast.kernels.logprobs as k; print(k.__file__)", cwd=tmp_path, pythonpath=[site])
     assert Path(out) == site / "dpo_fast" / "kernels" / "logprobs.py"

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ..collate import LAYOUTS, Pair, PreferenceCollator
-from .pairs import BUNDLED_DATA, DataError, load_preference_data, train_bpe_tokenizer
 from ..hf import concatenated_forward
 from ..preference_loss import LOSS_TYPES, REFERENCE_FREE, preference_loss
 from ..reference_logps import ReferenceLogps, precompute_reference_logps, to_device
+from .pairs import BUNDLED_DATA, DataError, load_preference_data, train_bpe_tokenizer
 
 # Random-init Llama shapes for runs without --model. "tiny" trains in minutes on a laptop
 # CPU; "small" (~30M parameters with its 8k vocabulary) is the GPU default.

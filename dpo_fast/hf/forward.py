@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..checks import check_stats
 from ..collate import (
     check_layout,
     collate_packed,
@@ -28,7 +29,6 @@ from ..collate import (
     sequences_from_padded,
 )
 from ..linear_logprobs import linear_sequence_logprobs
-from ..checks import check_stats
 from .check import self_check
 from .masks import block_attention_mask, is_flash
 from .model import Head, find_backbone, find_head, run_backbone, text_config, unwrap_model

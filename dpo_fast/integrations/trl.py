@@ -39,11 +39,11 @@ from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ..collate import check_layout
+from ..formulas import STAT_NAMES
 from ..hf.check import self_check
 from ..hf.forward import lower_batch
 from ..hf.model import HeadTransform, find_backbone, find_head, run_backbone
 from ..linear_logprobs import linear_token_logprobs
-from ..formulas import STAT_NAMES
 
 # The TRL releases whose fused-head protocol (signature, output fields, call sites) this module
 # implements; keep in step with the `trl` extra in setup.py.
