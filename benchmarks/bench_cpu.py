@@ -53,8 +53,8 @@ def log_softmax_gather(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def logits_methods() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     found: dict[str, Callable] = {
-        OURS: lambda x, y: dpo_fast.token_logprobs(x, y, backend="cpp"),
-        "dpo_fast (torch)": lambda x, y: dpo_fast.token_logprobs(x, y, backend="torch"),
+        OURS: lambda x, y: dpo_fast.token_logprobs(x, y, backend="cpp").logps,
+        "dpo_fast (torch)": lambda x, y: dpo_fast.token_logprobs(x, y, backend="torch").logps,
         "log_softmax+gather": log_softmax_gather,
     }
     try:
@@ -68,8 +68,8 @@ def logits_methods() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.T
 
 def linear_methods() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     found: dict[str, Callable] = {
-        OURS: lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, backend="cpp"),
-        "dpo_fast (torch)": lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, backend="torch"),
+        OURS: lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, backend="cpp").logps,
+        "dpo_fast (torch)": lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, backend="torch").logps,
         "matmul+log_softmax+gather": lambda h, w, y: log_softmax_gather(h @ w.t(), y),
     }
     try:

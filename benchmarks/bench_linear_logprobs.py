@@ -50,7 +50,7 @@ def naive(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> t
 def methods(device: torch.device) -> dict[str, Method]:
     """Every method installed and able to run on ``device``."""
     found: dict[str, Method] = {
-        "dpo_fast": lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y),
+        "dpo_fast": lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y).logps,
         "naive": naive,
     }
     try:
@@ -64,9 +64,11 @@ def methods(device: torch.device) -> dict[str, Method]:
     except ImportError:
         pass
     if device.type == "cuda":  # design (b), Liger and CCE are Triton/CUDA-only
-        found["dpo_fast fused (b)"] = lambda h, w, y: dpo_fast.linear_token_logprobs(h, w, y, method="fused")
-        found["fused + filter 2^-12"] = lambda h, w, y: dpo_fast.linear_token_logprobs(
-            h, w, y, method="fused", grad_filter_eps=2.0**-12
+        found["dpo_fast fused (b)"] = lambda h, w, y: (
+            dpo_fast.linear_token_logprobs(h, w, y, method="fused").logps
+        )
+        found["fused + filter 2^-12"] = lambda h, w, y: (
+            dpo_fast.linear_token_logprobs(h, w, y, method="fused", grad_filter_eps=2.0**-12).logps
         )
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy

@@ -34,7 +34,7 @@ def eager_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def methods(compile_eager: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     found: dict[str, Callable] = {
-        "dpo_fast": lambda x, y: dpo_fast.token_logprobs(x, y),
+        "dpo_fast": lambda x, y: dpo_fast.token_logprobs(x, y).logps,
         "torch eager": eager_logprobs,
     }
     if compile_eager:

@@ -1,11 +1,11 @@
 """dpo_fast: fused kernels for preference-optimization training of language models."""
 
-from .formulas import STAT_NAMES
+from .constants import LOSS_TYPES, STAT_NAMES
 from .fused_linear_loss import FusedLinearPreferenceAux, FusedLinearPreferenceLoss
 from .hf import ConcatenatedOutput, concatenated_forward
 from .linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
-from .logprobs import sequence_logprobs, token_logprobs
-from .preference_loss import LOSS_TYPES, PreferenceLossOutput, preference_loss
+from .logprobs import SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
+from .preference_loss import PreferenceLossOutput, preference_loss
 from .reference_logps import ReferenceLogps, precompute_reference_logps
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "FusedLinearPreferenceLoss",
     "PreferenceLossOutput",
     "ReferenceLogps",
+    "SequenceLogprobs",
+    "TokenLogprobs",
     "concatenated_forward",
     "linear_sequence_logprobs",
     "linear_token_logprobs",

@@ -7,11 +7,11 @@ reaches a kernel as a silent wrong answer or a crash.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from .formulas import STAT_NAMES
+from .constants import BLOCK_KEYS, LAYOUTS, STAT_NAMES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -155,3 +155,73 @@ def check_linear_method(
         raise TypeError(f"grad_filter_eps must be None or a float, got {type(grad_filter_eps).__name__}")
     if not 0.0 < grad_filter_eps <= 1.0:
         raise ValueError(f"grad_filter_eps must be in (0, 1] (a softmax probability), got {grad_filter_eps}")
+
+
+def check_layout(layout: object) -> str:
+    """``layout`` is one of :data:`dpo_fast.constants.LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _batch_tensor(batch: Mapping, key: str, layout: str) -> torch.Tensor:
+    value = batch.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"batch[{key!r}] must be a tensor for layout={layout!r}, got {type(value).__name__}; "
+            f"batch keys: {sorted(batch)}"
+        )
+    if value.dtype.is_floating_point:
+        raise TypeError(f"batch[{key!r}] must be an integer tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_batch(batch: object, layout: str) -> str:
+    """A preference batch for ``layout``: TRL's padded format (``input_ids``, ``attention_mask``,
+    ``completion_mask`` ``[2B, T]``), or, for ``packed`` / ``prefix_shared``, a block batch of
+    ``dpo_fast.collate`` (the :data:`dpo_fast.constants.BLOCK_KEYS` ``[R, L]`` and ``num_pairs``).
+
+    Returns:
+        ``"padded"`` or ``"block"``: which of the two formats ``batch`` is.
+    """
+    check_layout(layout)
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
+    if "sequence_ids" in batch:
+        if layout == "padded":
+            raise ValueError("layout='padded' got a packed/prefix-shared batch (it has 'sequence_ids')")
+        _check_block_batch(batch, layout)
+        return "block"
+    _check_padded_batch(batch)
+    return "padded"
+
+
+def _check_padded_batch(batch: Mapping) -> None:
+    ids = _batch_tensor(batch, "input_ids", "padded")
+    if ids.dim() != 2 or ids.shape[0] % 2 or ids.shape[1] < 2:
+        raise ValueError(
+            f"batch['input_ids'] must be [2B, T] (B chosen rows, then B rejected rows, T >= 2), "
+            f"got shape {tuple(ids.shape)}" + (" (an odd number of rows)" if ids.dim() == 2 else "")
+        )
+    for key in ("attention_mask", "completion_mask"):
+        mask = _batch_tensor(batch, key, "padded")
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"batch[{key!r}] must have input_ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}"
+            )
+
+
+def _check_block_batch(batch: Mapping, layout: str) -> None:
+    ids = _batch_tensor(batch, "input_ids", layout)
+    if ids.dim() != 2:
+        raise ValueError(f"batch['input_ids'] must be [R, L] for layout={layout!r}, got {tuple(ids.shape)}")
+    for key in BLOCK_KEYS[1:]:
+        if _batch_tensor(batch, key, layout).shape != ids.shape:
+            raise ValueError(
+                f"batch[{key!r}] must have input_ids' shape {tuple(ids.shape)}, got {tuple(batch[key].shape)}"
+            )
+    num_pairs = batch.get("num_pairs")
+    if isinstance(num_pairs, torch.Tensor) and num_pairs.numel() == 1:
+        num_pairs = int(num_pairs)
+    if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
+        raise ValueError(f"batch['num_pairs'] must be a positive int (B), got {num_pairs!r}")

@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-LAYOUTS = ("padded", "packed", "prefix_shared")
-BRANCH_PROMPT, BRANCH_CHOSEN, BRANCH_REJECTED = 0, 1, 2
+from .checks import check_layout
+from .constants import BRANCH_CHOSEN, BRANCH_PROMPT, BRANCH_REJECTED
+
 _PAIR_TEXT_KEYS = ("prompt", "chosen", "rejected")
 _PAIR_ID_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -49,13 +50,6 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-
-
-def check_layout(layout: object) -> str:
-    """``layout`` is one of :data:`LAYOUTS`."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return layout
 
 
 def _token_list(value: object, what: str) -> list[int]:

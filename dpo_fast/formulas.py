@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import torch
 
-# Names of the optional per-token statistics, shared with TRL's fused LM head protocol.
-STAT_NAMES = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
-
 
 def transform_logits(x: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
     """``softcap(x * scale)``; computed in ``x``'s dtype (callers upcast first)."""

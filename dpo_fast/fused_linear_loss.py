@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import torch
 
+from .constants import REFERENCE_FREE
 from .linear_logprobs import linear_sequence_logprobs
-from .preference_loss import REFERENCE_FREE, _loss_weights, preference_loss
+from .preference_loss import _loss_weights, preference_loss
 
 
 class FusedLinearPreferenceAux(NamedTuple):
@@ -256,7 +257,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             if ref_weight is None:
                 ref_weight, ref_bias = lin_weight, bias
             with torch.no_grad():
-                ref_sums, _ = linear_sequence_logprobs(
+                ref_sums, _, _ = linear_sequence_logprobs(
                     ref_hidden.detach(),
                     ref_weight.detach(),
                     labels,

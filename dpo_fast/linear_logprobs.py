@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 
 from .checks import check_labels, check_linear_head, check_linear_method, check_stats, check_transform
-from .logprobs import _implementation, new_buffer, sequence_sums
+from .logprobs import SequenceLogprobs, TokenLogprobs, _implementation, new_buffer, sequence_sums
 from .registry import resolve_backend
 
 # Upper bound on one (chunk, V) logits tile, in bytes; the only [*, V] buffer alive.
@@ -292,7 +292,7 @@ def linear_token_logprobs(
     backend: str = "auto",
     method: str = "chunked",
     grad_filter_eps: float | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> TokenLogprobs:
     """Label log-probs of ``softcap(logit_scale * (hidden @ weight.T + bias) / temperature)``,
     never materializing those ``(..., T, V)`` logits.
 
@@ -324,8 +324,8 @@ def linear_token_logprobs(
     bias gradients accumulate in fp32 and are returned in their own dtypes.
 
     Returns:
-        float32 ``(..., T)`` (``(..., T - 1)`` with ``shift``), 0.0 at ignored positions; with
-        ``stats``, a tuple ``(logps, {name: (..., T) tensor})``.
+        :class:`dpo_fast.TokenLogprobs` ``(logps, stats)``: float32 ``(..., T)``
+        (``(..., T - 1)`` with ``shift``), 0.0 at ignored positions, and the statistics.
     """
     check_linear_head(hidden, weight, bias)
     vocab_size = weight.shape[0]
@@ -352,10 +352,9 @@ def linear_token_logprobs(
         stat_dict = dict(zip(stats, stat_values, strict=True))
     else:
         logp, _, stat_dict = run(*args)[:3]  # the chunked run also returns its tile buffer
-    per_token = _unpack(logp, scored)
-    if not stats:
-        return per_token
-    return per_token, {name: _unpack(value, scored) for name, value in stat_dict.items()}
+    return TokenLogprobs(
+        _unpack(logp, scored), {name: _unpack(value, scored) for name, value in stat_dict.items()}
+    )
 
 
 def _unpack(values: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -382,7 +381,7 @@ def linear_sequence_logprobs(
     backend: str = "auto",
     method: str = "chunked",
     grad_filter_eps: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> SequenceLogprobs:
     """Summed label log-probs per sequence (or per segment) from hidden states and the lm_head.
 
     Args:
@@ -391,10 +390,10 @@ def linear_sequence_logprobs(
         segment_ids, num_segments, average: as :func:`dpo_fast.sequence_logprobs`.
 
     Returns:
-        ``(logps, num_tokens)``: float32 and int64, ``(...,)``, or ``(..., num_segments)`` with
-        ``segment_ids``; with ``stats``, a third element: the per-token statistics.
+        :class:`dpo_fast.SequenceLogprobs` ``(logps, num_tokens, stats)``, as
+        :func:`dpo_fast.sequence_logprobs`.
     """
-    result = linear_token_logprobs(
+    per_token, stat_dict = linear_token_logprobs(
         hidden,
         weight,
         labels,
@@ -409,7 +408,6 @@ def linear_sequence_logprobs(
         method=method,
         grad_filter_eps=grad_filter_eps,
     )
-    per_token, stat_dict = result if stats else (result, {})
     logps, num_tokens = sequence_sums(
         per_token,
         labels,
@@ -419,4 +417,4 @@ def linear_sequence_logprobs(
         num_segments=num_segments,
         average=average,
     )
-    return (logps, num_tokens, stat_dict) if stats else (logps, num_tokens)
+    return SequenceLogprobs(logps, num_tokens, stat_dict)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,34 @@ from .ops import cpp
 from .ops import logprobs as chunked
 from .registry import resolve_backend
 from .segments import count_segments, segment_sum
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token results of :func:`token_logprobs` and ``dpo_fast.linear_token_logprobs``.
+
+    Attributes:
+        logps: float32 ``(..., T)``, 0.0 at positions that are not scored.
+        stats: ``{name: (..., T)}`` the requested statistics (``is_top1`` bool, others float32);
+            empty without ``stats``.
+    """
+
+    logps: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+class SequenceLogprobs(NamedTuple):
+    """Per-sequence results of :func:`sequence_logprobs` and ``dpo_fast.linear_sequence_logprobs``.
+
+    Attributes:
+        logps: float32 ``(...,)`` summed (or averaged) log-probs, ``(..., num_segments)`` with
+            ``segment_ids``.
+        num_tokens: int64, same shape: the number of scored tokens in each sum.
+        stats: the per-token statistics ``{name: (..., T)}`` as :class:`TokenLogprobs` has them.
+    """
+
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+    stats: dict[str, torch.Tensor]
 
 
 def _implementation(backend: str) -> ModuleType:
@@ -122,7 +151,7 @@ def token_logprobs(
     stats: Sequence[str] = (),
     inplace_backward: bool = False,
     backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> TokenLogprobs:
     """Log-probability of each label under the softmax of the logits, without materializing it.
 
     Args:
@@ -142,8 +171,8 @@ def token_logprobs(
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` (see ``dpo_fast.registry``).
 
     Returns:
-        float32 ``(..., T)`` (``(..., T - 1)`` with ``shift``), 0.0 at ignored positions; with
-        ``stats``, a tuple ``(logps, {name: (..., T) tensor})``.
+        :class:`TokenLogprobs` ``(logps, stats)``: float32 ``(..., T)`` (``(..., T - 1)`` with
+        ``shift``), 0.0 at ignored positions, and the requested statistics of that shape.
     """
     batch, flat_labels, stats = _prepare(logits, labels, ignore_index, shift, temperature, softcap, stats)
     impl = _implementation(resolve_backend(backend, logits.device))
@@ -160,10 +189,7 @@ def token_logprobs(
         logp, _, stat_dict = impl.logprobs_forward(
             x, flat_labels, ignore_index=ignore_index, scale=scale, softcap=softcap, stats=stats
         )
-    logp = logp.view(out_shape)
-    if not stats:
-        return logp
-    return logp, {name: stat_dict[name].view(out_shape) for name in stats}
+    return TokenLogprobs(logp.view(out_shape), {name: stat_dict[name].view(out_shape) for name in stats})
 
 
 def sequence_logprobs(
@@ -180,7 +206,7 @@ def sequence_logprobs(
     stats: Sequence[str] = (),
     inplace_backward: bool = False,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> SequenceLogprobs:
     """Summed label log-probs per sequence (or per segment of a packed row).
 
     Args:
@@ -194,12 +220,12 @@ def sequence_logprobs(
         average: divide each sum by its token count (0 tokens gives 0, never NaN).
 
     Returns:
-        ``(logps, num_tokens)``: float32 and int64, ``(...,)``, or ``(..., num_segments)`` with
-        ``segment_ids``; with ``stats``, a third element: the per-token statistics
+        :class:`SequenceLogprobs` ``(logps, num_tokens, stats)``: float32 and int64, ``(...,)``,
+        or ``(..., num_segments)`` with ``segment_ids``, and the per-token statistics
         ``(..., T)`` as :func:`token_logprobs` returns them.
         Sums are deterministic: no float atomics, two runs give identical bits.
     """
-    result = token_logprobs(
+    per_token, stat_dict = token_logprobs(
         logits,
         labels,
         ignore_index=ignore_index,
@@ -210,7 +236,6 @@ def sequence_logprobs(
         inplace_backward=inplace_backward,
         backend=backend,
     )
-    per_token, stat_dict = result if stats else (result, {})
     logps, num_tokens = sequence_sums(
         per_token,
         labels,
@@ -220,7 +245,7 @@ def sequence_logprobs(
         num_segments=num_segments,
         average=average,
     )
-    return (logps, num_tokens, stat_dict) if stats else (logps, num_tokens)
+    return SequenceLogprobs(logps, num_tokens, stat_dict)
 
 
 def sequence_sums(

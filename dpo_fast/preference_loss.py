@@ -22,40 +22,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .constants import (
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
+    LOSS_TYPES,
+    NEEDS_LENGTHS,
+    REDUCTIONS,
+    REFERENCE_FREE,
+    REWARD_KINDS,
+)
 from .registry import resolve_backend
 
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
-    "simpo",
-    "cpo",
-    "orpo",
-)
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# Losses whose f-divergence generalization is valid (TRL's list): the others need reverse_kl.
-F_DIVERGENCE_LOSS_TYPES = frozenset(
-    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
-)
-# Losses that see no reference model (as TRL's CPOTrainer / ORPOTrainer and its "sft").
-REFERENCE_FREE = frozenset({"simpo", "cpo", "orpo", "sft"})
-# Losses that read the completion token counts.
-NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo", "sft"})
-# What the rewards are made of: beta * (policy - reference), beta * policy sum, beta * policy mean.
-REWARD_KINDS = ("log_ratio", "policy_sum", "policy_mean")
-REDUCTIONS = ("mean", "sum", "none")
 LOGP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # f-divergence exponents are clamped here (TRL clamps the alpha-divergence's in fp32 alike).
 EXP_CLAMP = 80.0

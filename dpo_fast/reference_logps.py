@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from .collate import PreferenceCollator, check_layout
+from .checks import check_layout
+from .collate import PreferenceCollator
 from .hf import concatenated_forward
 
 logger = logging.getLogger(__name__)

@@ -12,10 +12,9 @@ import os
 
 import torch
 
+from .constants import BACKEND_ENV_VAR as ENV_VAR
+from .constants import BACKENDS
 from .ops import cpp
-
-BACKENDS = ("auto", "triton", "cpp", "torch")
-ENV_VAR = "DPO_FAST_BACKEND"
 
 
 def triton_interpreted() -> bool:

@@ -16,7 +16,8 @@ import torch
 from helpers import make_labels
 
 import dpo_fast
-from dpo_fast.formulas import STAT_NAMES, dense_token_logprobs
+from dpo_fast.constants import STAT_NAMES
+from dpo_fast.formulas import dense_token_logprobs
 from dpo_fast.ops import cpp
 from dpo_fast.ops import logprobs as chunked
 
@@ -214,7 +215,7 @@ def test_gradient_in_a_reused_poisoned_block(shift):
     labels = make_labels((3, 7), 301)
     cpp.empty(x.shape, x.dtype).fill_(float("nan"))  # freed at once: the next same-size request gets it
     grad_logp = torch.randn(3, 6 if shift else 7)
-    (dpo_fast.token_logprobs(x, labels, shift=shift, backend="cpp") * grad_logp).sum().backward()
+    (dpo_fast.token_logprobs(x, labels, shift=shift, backend="cpp").logps * grad_logp).sum().backward()
     x64 = x.detach().double().requires_grad_()
     (dense_token_logprobs(x64, labels, shift=shift) * grad_logp.double()).sum().backward()
     torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
@@ -226,7 +227,7 @@ def test_auto_picks_cpp_on_cpu(monkeypatch):
     real = cpp.logprobs_forward
     monkeypatch.setattr(cpp, "logprobs_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.delenv("DPO_FAST_BACKEND", raising=False)
-    dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
+    dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long)).logps
     assert calls == [1]
 
 
@@ -241,8 +242,8 @@ FALLBACK_SCRIPT = textwrap.dedent(
     labels = torch.randint(0, 50, (2, 3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        auto = dpo_fast.token_logprobs(logits, labels)
-        forced = dpo_fast.token_logprobs(logits, labels, backend="cpp")
+        auto = dpo_fast.token_logprobs(logits, labels).logps
+        forced = dpo_fast.token_logprobs(logits, labels, backend="cpp").logps
         (auto.sum() + forced.sum()).backward()
     messages = [str(w.message) for w in caught if "C++ CPU kernels" in str(w.message)]
     assert len(messages) == 1, messages

@@ -64,7 +64,7 @@ def check_against_oracle(hidden, weight, bias, labels, path, tol_scale=1.0, **op
     """Values and gradients (hidden, weight, bias) vs the float64 oracle; ``path`` holds the
     backend and method keywords."""
     dtype = weight.dtype
-    ours = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path, **options)
+    ours = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path, **options).logps
     leaves, expected = oracle(hidden, weight, bias, labels, **options)
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     torch.testing.assert_close(ours.double(), expected, atol=LOGP_TOL[dtype] * tol_scale, rtol=1e-5)
@@ -132,7 +132,7 @@ def test_ignored_tokens_anywhere(path):
 def test_all_tokens_ignored(path):
     hidden, weight, bias = make_head((2, 5), 8, 30, bias=True)
     labels = torch.full((2, 5), -100)
-    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path)
+    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path).logps
     assert out.shape == (2, 5) and (out == 0).all()
     out.sum().backward()
     for leaf in (hidden, weight, bias):
@@ -142,7 +142,7 @@ def test_all_tokens_ignored(path):
 @every_path
 def test_empty_batch_and_shift_of_one_token(path):
     hidden, weight, bias = make_head((0, 5), 8, 30, bias=True)
-    logps, counts = dpo_fast.linear_sequence_logprobs(
+    logps, counts, _ = dpo_fast.linear_sequence_logprobs(
         hidden, weight, torch.zeros(0, 5, dtype=torch.long), bias=bias, **path
     )
     assert logps.shape == (0,) and counts.shape == (0,)
@@ -151,7 +151,7 @@ def test_empty_batch_and_shift_of_one_token(path):
     hidden, weight, _ = make_head((2, 1), 8, 30)
     out = dpo_fast.linear_token_logprobs(
         hidden, weight, torch.ones(2, 1, dtype=torch.long), shift=True, **path
-    )
+    ).logps
     assert out.shape == (2, 0)
 
 
@@ -177,7 +177,7 @@ def test_non_contiguous_hidden(path, small_tiles):
     hidden = hidden_tm.permute(1, 2, 0, 3)  # (2, 3, T=6, H)
     labels = make_labels((2, 3, 6), 64)
     weight.grad = None
-    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, shift=True, **path)
+    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, shift=True, **path).logps
     _, expected = oracle(hidden, weight, None, labels, shift=True)
     assert out.shape == (2, 3, 5)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
@@ -194,7 +194,7 @@ def test_tied_embedding_and_head(path, small_tiles):
 
     def ours(embed_weight, head_weight):
         hidden = torch.tanh(torch.nn.functional.embedding(ids, embed_weight) @ mix)
-        return dpo_fast.linear_token_logprobs(hidden, head_weight, labels, shift=True, **path)
+        return dpo_fast.linear_token_logprobs(hidden, head_weight, labels, shift=True, **path).logps
 
     def grad_of(embed_weight, head_weight, leaf):
         ours(embed_weight, head_weight).sum().backward()
@@ -222,7 +222,7 @@ def test_autocast_mixed_dtypes(path):
     hidden_bf16 = hidden.detach().bfloat16().requires_grad_()
     labels = make_labels((2, 6), 90)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = dpo_fast.linear_token_logprobs(hidden_bf16, weight, labels, bias=bias, **path)
+        out = dpo_fast.linear_token_logprobs(hidden_bf16, weight, labels, bias=bias, **path).logps
     assert out.dtype == torch.float32
     out.sum().backward()
     assert hidden_bf16.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
@@ -292,7 +292,9 @@ def test_sequence_logprobs(path, small_tiles):
     hidden, weight, bias = make_head((3, 8), 16, 60, bias=True)
     labels = make_labels((3, 8), 60)
     labels[2] = -100
-    logps, counts = dpo_fast.linear_sequence_logprobs(hidden, weight, labels, bias=bias, shift=True, **path)
+    logps, counts, _ = dpo_fast.linear_sequence_logprobs(
+        hidden, weight, labels, bias=bias, shift=True, **path
+    )
     leaves, per_token = oracle(hidden, weight, bias, labels, shift=True)
     scored = labels[:, 1:] != -100
     torch.testing.assert_close(logps.double(), per_token.sum(-1), atol=1e-4, rtol=1e-5)
@@ -316,12 +318,12 @@ def test_segment_sums(path):
     labels = make_labels((2, 12), 50, ignore_frac=0.1)
     labels[0, 11] = 7  # segment 3 scores at least one token, so max(segment_ids) + 1 == 4
     segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, 3, 3], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, -1]])
-    logps, counts = dpo_fast.linear_sequence_logprobs(
+    logps, counts, _ = dpo_fast.linear_sequence_logprobs(
         hidden, weight, labels, segment_ids=segment_ids, shift=True, **path
     )
     # the same sums as the logits API on materialized logits: the code path is shared
     logits = (hidden @ weight.T).detach()
-    expected, expected_counts = dpo_fast.sequence_logprobs(
+    expected, expected_counts, _ = dpo_fast.sequence_logprobs(
         logits, labels, segment_ids=segment_ids, shift=True, backend=path["backend"]
     )
     assert logps.shape == (2, 4)
@@ -334,15 +336,15 @@ def test_no_grad_and_frozen_weight(path):
     hidden, weight, bias = make_head((2, 5), 8, 30, bias=True)
     labels = make_labels((2, 5), 30)
     with torch.no_grad():
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path)
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path).logps
     assert not out.requires_grad
     frozen = weight.detach()
-    with_grad = dpo_fast.linear_token_logprobs(hidden, frozen, labels, bias=bias.detach(), **path)
+    with_grad = dpo_fast.linear_token_logprobs(hidden, frozen, labels, bias=bias.detach(), **path).logps
     torch.testing.assert_close(out, with_grad, atol=0, rtol=0)
     with_grad.sum().backward()
     assert hidden.grad is not None and weight.grad is None
     # only the bias trains: its gradient alone, still the oracle's
-    dpo_fast.linear_token_logprobs(hidden.detach(), frozen, labels, bias=bias, **path).sum().backward()
+    dpo_fast.linear_token_logprobs(hidden.detach(), frozen, labels, bias=bias, **path).logps.sum().backward()
     leaves, expected = oracle(hidden, weight, bias, labels)
     expected.sum().backward()
     torch.testing.assert_close(bias.grad.double(), leaves[2].grad, atol=2e-5, rtol=1e-5)
@@ -376,7 +378,7 @@ def test_backward_reuses_the_last_forward_tile(backend, small_tiles, monkeypatch
     monkeypatch.setattr(linear, "_project", lambda *a: projections.append(1) or real_project(*a))
     hidden, weight, bias = make_head((2, 7), 8, 50, bias=True)
     labels = make_labels((2, 7), 50, ignore_frac=0.0)  # 14 scored tokens: 5 chunks of <= 3
-    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend).logps
     assert len(projections) == 5
     upstream = torch.randn_like(out)
     grads = []
@@ -402,7 +404,7 @@ def test_deterministic(path, small_tiles):
     def run():
         for leaf in (hidden, weight, bias):
             leaf.grad = None
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, shift=True, **path)
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, shift=True, **path).logps
         (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
         return out, hidden.grad, weight.grad, bias.grad
 
@@ -447,7 +449,7 @@ def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
     chunk = linear.chunk_rows(vocab_size, torch.float32, torch.device("cpu"))
     assert 4 * chunk <= tokens
     with LargestTensor() as monitor:
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend).logps
         out.sum().backward()
     assert monitor.largest == chunk * vocab_size  # the monitor saw the tiles
     assert monitor.largest * 4 <= tokens * vocab_size
@@ -476,7 +478,7 @@ def test_fused_allocates_nothing_of_tokens_by_vocab():
     hidden, weight, bias = make_head((tokens,), hidden_size, vocab_size, bias=True)
     labels = make_labels((tokens,), vocab_size, ignore_frac=0.0)
     with LargestTensor() as monitor:
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **FUSED)
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **FUSED).logps
         out.sum().backward()
     assert monitor.largest_bytes == vocab_size * hidden_size * 4
     assert monitor.largest_bytes * 16 <= tokens * vocab_size * 4
@@ -502,7 +504,7 @@ def test_gradient_filtering(small_tiles):
         leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
         out = dpo_fast.linear_token_logprobs(
             leaves[0], leaves[1], labels, bias=leaves[2], grad_filter_eps=grad_filter_eps, **FUSED, **options
-        )
+        ).logps
         return out, torch.autograd.grad((out * upstream).sum(), leaves)
 
     exact_out, exact = run(None)
@@ -596,7 +598,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("hidden", "weight", "labels", "options", "error", "message"), BAD_INPUTS)
 def test_bad_input(hidden, weight, labels, options, error, message):
     with pytest.raises(error, match=message):
-        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
+        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options).logps
 
 
 def test_bad_segment_ids():
@@ -626,7 +628,7 @@ def test_bad_method_and_filter(options, error, message, monkeypatch):
     monkeypatch.delenv("DPO_FAST_BACKEND", raising=False)  # "auto" must resolve to a CPU backend
     hidden, weight, labels = torch.randn(2, 3, 8), torch.randn(10, 8), _long(2, 3)
     with pytest.raises(error, match=message):
-        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
+        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options).logps
     with pytest.raises(error, match=message):
         dpo_fast.linear_sequence_logprobs(hidden, weight, labels, **options)
 
@@ -635,9 +637,9 @@ def test_bad_method_and_filter(options, error, message, monkeypatch):
 def test_operands_on_different_devices():
     hidden, weight, labels = torch.randn(2, 3, 8, device="cuda"), torch.randn(10, 8), _long(2, 3).cuda()
     with pytest.raises(ValueError, match="weight is on"):
-        dpo_fast.linear_token_logprobs(hidden, weight, labels)
+        dpo_fast.linear_token_logprobs(hidden, weight, labels).logps
     with pytest.raises(ValueError, match="labels are on"):
-        dpo_fast.linear_token_logprobs(hidden, weight.cuda(), labels.cpu())
+        dpo_fast.linear_token_logprobs(hidden, weight.cuda(), labels.cpu()).logps
 
 
 @pytest.mark.gpu
@@ -653,7 +655,7 @@ def test_real_sizes_on_gpu(backend):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, backend=backend)
+    out = dpo_fast.linear_token_logprobs(hidden, weight, labels, backend=backend).logps
     out.sum().backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
@@ -684,7 +686,7 @@ def test_fused_real_sizes_on_gpu():
 
     def run(**options):
         hidden.grad = weight.grad = None
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
+        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, **options).logps
         (out * upstream).sum().backward()
         return out.detach(), hidden.grad, weight.grad
 

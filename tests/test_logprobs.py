@@ -24,7 +24,7 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 def check_against_reference(logits, labels, backend, atol_scale=1.0, **options):
     """Values and gradients of token_logprobs vs autograd through the float64 oracle."""
     logits = logits.detach().requires_grad_()
-    ours = dpo_fast.token_logprobs(logits, labels, backend=backend, **options)
+    ours = dpo_fast.token_logprobs(logits, labels, backend=backend, **options).logps
     oracle_input = logits.detach().double().requires_grad_()
     oracle = dense_token_logprobs(oracle_input, labels, **options)
     assert ours.dtype == torch.float32
@@ -81,7 +81,9 @@ def test_one_token_and_one_sequence(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shift_of_one_token_is_empty(backend):
     logits = torch.randn(2, 1, 50, requires_grad=True)
-    out = dpo_fast.token_logprobs(logits, torch.zeros(2, 1, dtype=torch.long), shift=True, backend=backend)
+    out = dpo_fast.token_logprobs(
+        logits, torch.zeros(2, 1, dtype=torch.long), shift=True, backend=backend
+    ).logps
     assert out.shape == (2, 0)
     out.sum().backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
@@ -93,12 +95,12 @@ def test_all_labels_ignored(backend, poisoned_outputs):
     labels = torch.full((2, 4), -100)
     labels[1, 2] = 5
     logits.requires_grad_()
-    out = dpo_fast.token_logprobs(logits, labels, backend=backend)
+    out = dpo_fast.token_logprobs(logits, labels, backend=backend).logps
     out.sum().backward()
     assert torch.equal(out[0], torch.zeros(4))
     assert torch.equal(logits.grad[0], torch.zeros(4, 513))
     assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all()
-    logps, counts = dpo_fast.sequence_logprobs(logits.detach(), labels, average=True, backend=backend)
+    logps, counts, _ = dpo_fast.sequence_logprobs(logits.detach(), labels, average=True, backend=backend)
     assert counts.tolist() == [0, 1]
     assert logps[0].item() == 0.0 and torch.isfinite(logps).all()
 
@@ -151,7 +153,7 @@ def test_target_gradient_keeps_precision_when_p_near_one(backend):
     logits[0, 0, 17] = torch.tensor(999.0 * 1e4).log()
     labels = torch.tensor([[17]])
     logits.requires_grad_()
-    dpo_fast.token_logprobs(logits, labels, backend=backend).sum().backward()
+    dpo_fast.token_logprobs(logits, labels, backend=backend).logps.sum().backward()
     x64 = logits.detach().double().requires_grad_()
     dense_token_logprobs(x64, labels).sum().backward()
     expected = x64.grad[0, 0, 17].item()
@@ -213,8 +215,8 @@ def test_deterministic(backend):
 
     def run():
         x = logits.clone().requires_grad_()
-        per_token = dpo_fast.token_logprobs(x, labels, backend=backend, shift=True)
-        sums, _ = dpo_fast.sequence_logprobs(x, labels, segment_ids=segment_ids, backend=backend)
+        per_token = dpo_fast.token_logprobs(x, labels, backend=backend, shift=True).logps
+        sums, _, _ = dpo_fast.sequence_logprobs(x, labels, segment_ids=segment_ids, backend=backend)
         (per_token.sum() + sums.sum()).backward()
         return per_token, sums, x.grad
 
@@ -227,7 +229,7 @@ def test_inplace_backward_reuses_logits_storage(backend):
     logits = torch.randn(2, 6, 500)
     labels = make_labels((2, 6), 500)
     expected_input = logits.clone().requires_grad_()
-    dpo_fast.token_logprobs(expected_input, labels, shift=True, backend=backend).sum().backward()
+    dpo_fast.token_logprobs(expected_input, labels, shift=True, backend=backend).logps.sum().backward()
 
     leaf = logits.clone().requires_grad_()
     seen = {}
@@ -238,7 +240,9 @@ def test_inplace_backward_reuses_logits_storage(backend):
 
     work = leaf * 1.0  # a non-leaf whose storage backward may overwrite
     work.register_hook(capture)
-    dpo_fast.token_logprobs(work, labels, shift=True, inplace_backward=True, backend=backend).sum().backward()
+    dpo_fast.token_logprobs(
+        work, labels, shift=True, inplace_backward=True, backend=backend
+    ).logps.sum().backward()
     assert seen["ptr"] == work.data_ptr()
     torch.testing.assert_close(seen["grad"], expected_input.grad, atol=0, rtol=0)
 
@@ -249,7 +253,7 @@ def test_sequence_logprobs(backend, shift):
     logits = torch.randn(3, 8, 321, requires_grad=True)
     labels = make_labels((3, 8), 321)
     labels[2] = -100
-    logps, counts = dpo_fast.sequence_logprobs(logits, labels, shift=shift, backend=backend)
+    logps, counts, _ = dpo_fast.sequence_logprobs(logits, labels, shift=shift, backend=backend)
     x64 = logits.detach().double().requires_grad_()
     per_token = dense_token_logprobs(x64, labels, shift=shift)
     scored = (labels[:, 1:] if shift else labels) != -100
@@ -259,7 +263,7 @@ def test_sequence_logprobs(backend, shift):
     per_token.sum().backward()
     torch.testing.assert_close(logits.grad.double(), x64.grad, atol=1e-5, rtol=0)
 
-    averaged, _ = dpo_fast.sequence_logprobs(logits, labels, shift=shift, average=True, backend=backend)
+    averaged, _, _ = dpo_fast.sequence_logprobs(logits, labels, shift=shift, average=True, backend=backend)
     torch.testing.assert_close(
         averaged.double(), per_token.sum(-1) / scored.sum(-1).clamp(min=1), atol=1e-5, rtol=1e-5
     )
@@ -273,7 +277,7 @@ def test_segment_sums(backend):
     labels = make_labels((2, 12), 100, ignore_frac=0.1)
     labels[0, 11] = 7  # segment 3 scores at least one token, so max(segment_ids) + 1 == 4
     segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, 3, 3], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, -1]])
-    logps, counts = dpo_fast.sequence_logprobs(
+    logps, counts, _ = dpo_fast.sequence_logprobs(
         logits, labels, segment_ids=segment_ids, shift=True, backend=backend
     )
     assert logps.shape == (2, 4) and counts.shape == (2, 4)
@@ -293,7 +297,7 @@ def test_segment_sums(backend):
     expected = torch.zeros(12, dtype=torch.bool)
     expected[[t - 1 for t in (3, 4) if labels[0, t] != -100]] = True
     assert torch.equal(touched, expected)
-    explicit, _ = dpo_fast.sequence_logprobs(
+    explicit, _, _ = dpo_fast.sequence_logprobs(
         logits, labels, segment_ids=segment_ids, num_segments=6, shift=True, backend=backend
     )
     assert explicit.shape == (2, 6) and torch.equal(explicit[:, :4], logps) and not explicit[:, 4:].any()
@@ -303,8 +307,8 @@ def test_segment_sums(backend):
 def test_empty_batch(backend):
     logits = torch.randn(0, 5, 10, requires_grad=True)
     labels = torch.zeros(0, 5, dtype=torch.long)
-    assert dpo_fast.token_logprobs(logits, labels, backend=backend).shape == (0, 5)
-    logps, counts = dpo_fast.sequence_logprobs(logits, labels, backend=backend)
+    assert dpo_fast.token_logprobs(logits, labels, backend=backend).logps.shape == (0, 5)
+    logps, counts, _ = dpo_fast.sequence_logprobs(logits, labels, backend=backend)
     assert logps.shape == (0,) and counts.shape == (0,)
     logps.sum().backward()
     assert logits.grad.shape == logits.shape
@@ -317,17 +321,19 @@ def test_env_var_selects_backend(monkeypatch):
     real = chunked.logprobs_forward
     monkeypatch.setattr(chunked, "logprobs_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("DPO_FAST_BACKEND", "torch")
-    dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
+    dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long)).logps
     assert calls == [1]
     monkeypatch.setenv("DPO_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="DPO_FAST_BACKEND"):
-        dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
+        dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long)).logps
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long), backend="triton")
+        dpo_fast.token_logprobs(
+            torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long), backend="triton"
+        ).logps
 
 
 def _long(*shape):
@@ -354,7 +360,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("logits", "labels", "options", "error", "message"), BAD_INPUTS)
 def test_bad_input(logits, labels, options, error, message):
     with pytest.raises(error, match=message):
-        dpo_fast.token_logprobs(logits, labels, **options)
+        dpo_fast.token_logprobs(logits, labels, **options).logps
 
 
 def test_bad_segment_ids():
@@ -368,7 +374,9 @@ def test_bad_segment_ids():
 @pytest.mark.gpu
 def test_labels_on_another_device():
     with pytest.raises(ValueError, match="labels are on"):
-        dpo_fast.token_logprobs(torch.randn(2, 3, 10, device="cuda"), torch.zeros(2, 3, dtype=torch.long))
+        dpo_fast.token_logprobs(
+            torch.randn(2, 3, 10, device="cuda"), torch.zeros(2, 3, dtype=torch.long)
+        ).logps
 
 
 @pytest.mark.gpu
@@ -387,7 +395,7 @@ def test_more_than_2_pow_31_elements_on_gpu():
     assert tokens * vocab_size > 2**31
     logits = torch.randn(tokens, vocab_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab_size, (tokens,), device="cuda")
-    out = dpo_fast.token_logprobs(logits, labels, backend="triton")
+    out = dpo_fast.token_logprobs(logits, labels, backend="triton").logps
     tail = slice(tokens - 8, tokens)
     expected = dense_token_logprobs(logits[tail].detach().double(), labels[tail])
     torch.testing.assert_close(out[tail].double(), expected, atol=2e-5, rtol=1e-5)
@@ -415,6 +423,6 @@ def test_torch_backend_holds_one_chunk_of_softmax(monkeypatch):
         monkeypatch.setattr(chunked, name, spy)
     logits = torch.randn(3, 10, 1000, requires_grad=True)
     labels = make_labels((3, 10), 1000)
-    dpo_fast.token_logprobs(logits, labels, shift=True, backend="torch").sum().backward()
+    dpo_fast.token_logprobs(logits, labels, shift=True, backend="torch").logps.sum().backward()
     assert max(seen_rows) == 4
     assert sum(seen_rows) == 2 * 3 * 9  # every row once forward, once backward

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from dpo_fast import preference_loss
-from dpo_fast.preference_loss import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, REFERENCE_FREE
+from dpo_fast.constants import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, REFERENCE_FREE
 
 BACKENDS = ("torch", "triton")
 DPO_TRAINER_TYPES = [t for t in LOSS_TYPES if t not in ("simpo", "cpo", "orpo")]

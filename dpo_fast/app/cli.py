@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..collate import LAYOUTS
+from ..constants import LAYOUTS
 from .pairs import DataError
 from .train import MODEL_CONFIGS, SetupError, TrainConfig, train
 

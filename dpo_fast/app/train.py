@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..collate import LAYOUTS, Pair, PreferenceCollator
+from ..collate import Pair, PreferenceCollator
+from ..constants import LAYOUTS, LOSS_TYPES, REFERENCE_FREE
 from ..hf import concatenated_forward
-from ..preference_loss import LOSS_TYPES, REFERENCE_FREE, preference_loss
+from ..preference_loss import preference_loss
 from ..reference_logps import ReferenceLogps, precompute_reference_logps, to_device
 from .pairs import BUNDLED_DATA, DataError, load_preference_data, train_bpe_tokenizer
 

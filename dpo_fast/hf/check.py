@@ -26,7 +26,7 @@ from torch import nn
 from .model import Head, HeadTransform, run_backbone, unwrap_model
 
 if TYPE_CHECKING:
-    from .forward import Plan
+    from .plan import Plan
 
 PROBE_TOKENS = 8
 # max |our logits - model logits| / max(1, max |model logits|) allowed, by compute dtype

@@ -1,8 +1,8 @@
 """``concatenated_forward``: chosen and rejected log-probs of a preference batch in one forward.
 
-Data flow: the batch is *lowered* to a :class:`Plan` (backbone inputs + which hidden row
-predicts which completion token of which sequence) -> the backbone returns hidden states ->
-the predicting rows are gathered (``(N, H)``, N = completion tokens, so prompt and padding
+Data flow: the batch is *lowered* to a :class:`~dpo_fast.hf.plan.Plan` (backbone inputs +
+which hidden row predicts which completion token of which sequence) -> :func:`scored_rows`
+runs the backbone and gathers the predicting rows (``(N, H)``, N = completion tokens, so prompt and padding
 never reach the head) -> ``dpo_fast.linear_sequence_logprobs`` projects them through the
 lm_head tile by tile and sums per sequence with ``segment_ids``. No ``[tokens, vocab]``
 tensor exists.
@@ -20,20 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checks import check_stats
-from ..collate import (
-    check_layout,
-    collate_packed,
-    collate_prefix_shared,
-    pairs_from_padded,
-    sequences_from_padded,
-)
+from ..checks import check_layout, check_stats
 from ..linear_logprobs import linear_sequence_logprobs
 from .check import self_check
-from .masks import block_attention_mask, is_flash
-from .model import Head, find_backbone, find_head, run_backbone, text_config, unwrap_model
-
-_BLOCK_KEYS = ("input_ids", "position_ids", "doc_ids", "branch_ids", "sequence_ids")
+from .model import Head, HeadTransform, find_backbone, find_head, run_backbone, text_config, unwrap_model
+from .plan import Plan, lower_batch
 
 
 @dataclass
@@ -59,138 +50,50 @@ class ConcatenatedOutput:
 
 
 @dataclass
-class Plan:
-    """A batch lowered for the backbone.
+class ScoredRows:
+    """The hidden states that predict a batch's completion tokens, ready for the head.
 
-    ``source`` ``(N,)`` indexes the flattened ``(R * L)`` hidden rows; hidden row ``source[i]``
-    predicts token ``labels[i]`` of sequence ``sequence[i]`` (0..2B-1, chosen first). Entries
-    are ordered by sequence, then by position.
+    Attributes:
+        rows: ``(N, H)`` one row per completion token, in ``plan`` order (by sequence, then
+            position); the rows of the last prompt token appear twice in ``prefix_shared``.
+        plan: the lowered batch (``plan.labels`` ``(N,)``, ``plan.sequence`` ``(N,)``).
+        head: the output projection and the logit transform that the self-check confirmed.
     """
 
-    layout: str
-    inputs: dict[str, torch.Tensor]
-    source: torch.Tensor
-    labels: torch.Tensor
-    sequence: torch.Tensor
-    num_pairs: int
-    batch: Mapping[str, torch.Tensor]
+    rows: torch.Tensor
+    plan: Plan
+    head: Head
 
 
-def _tensor(batch: Mapping, key: str, layout: str) -> torch.Tensor:
-    value = batch.get(key)
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(
-            f"batch[{key!r}] must be a tensor for layout={layout!r}, got {type(value).__name__}; "
-            f"batch keys: {sorted(batch)}"
-        )
-    if value.dtype.is_floating_point:
-        raise TypeError(f"batch[{key!r}] must be an integer tensor, got dtype {value.dtype}")
-    return value
+def scored_rows(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    layout: str,
+    *,
+    transforms: Sequence[HeadTransform] | None = None,
+    check: bool = True,
+) -> ScoredRows:
+    """Lower ``batch`` for ``layout``, run ``model``'s backbone and gather the predicting rows.
 
+    The one path from a batch to hidden rows, shared by :func:`concatenated_forward` and the
+    TRL integration.
 
-def _check_padded(batch: Mapping) -> None:
-    ids = _tensor(batch, "input_ids", "padded")
-    if ids.dim() != 2 or ids.shape[0] % 2 or ids.shape[1] < 2:
-        raise ValueError(
-            f"batch['input_ids'] must be [2B, T] (B chosen rows, then B rejected rows, T >= 2), "
-            f"got shape {tuple(ids.shape)}" + (" (an odd number of rows)" if ids.dim() == 2 else "")
-        )
-    for key in ("attention_mask", "completion_mask"):
-        mask = _tensor(batch, key, "padded")
-        if mask.shape != ids.shape:
-            raise ValueError(
-                f"batch[{key!r}] must have input_ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}"
-            )
-
-
-def _is_block_batch(batch: Mapping) -> bool:
-    return "sequence_ids" in batch
-
-
-def _check_block(batch: Mapping, layout: str) -> int:
-    ids = _tensor(batch, "input_ids", layout)
-    if ids.dim() != 2:
-        raise ValueError(f"batch['input_ids'] must be [R, L] for layout={layout!r}, got {tuple(ids.shape)}")
-    for key in _BLOCK_KEYS[1:]:
-        if _tensor(batch, key, layout).shape != ids.shape:
-            raise ValueError(
-                f"batch[{key!r}] must have input_ids' shape {tuple(ids.shape)}, got {tuple(batch[key].shape)}"
-            )
-    num_pairs = batch.get("num_pairs")
-    if isinstance(num_pairs, torch.Tensor) and num_pairs.numel() == 1:
-        num_pairs = int(num_pairs)
-    if not isinstance(num_pairs, int) or num_pairs < 1:
-        raise ValueError(f"batch['num_pairs'] must be a positive int (B), got {num_pairs!r}")
-    return num_pairs
-
-
-def _plan_padded(batch: Mapping) -> Plan:
-    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    R, T = ids.shape
-    # hidden row t predicts token t + 1
-    rows, cols = ((completion[:, 1:] != 0) & (attention[:, 1:] != 0)).nonzero(as_tuple=True)
-    inputs = {"input_ids": ids, "attention_mask": attention}
-    if isinstance(batch.get("position_ids"), torch.Tensor):
-        inputs["position_ids"] = batch["position_ids"]
-    return Plan("padded", inputs, rows * T + cols, ids[rows, cols + 1], rows, R // 2, batch)
-
-
-def _predecessors(doc: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each token, the column of the token before it in its own sequence, and whether
-    there is one. That is the previous column unless the previous token is on the other
-    branch (the first rejected token after the chosen ones): then the prompt's last token."""
-    R, L = doc.shape
-    col = torch.arange(L, device=doc.device).expand(R, L)
-    follows = torch.zeros_like(doc, dtype=torch.bool)
-    follows[:, 1:] = (doc[:, 1:] == doc[:, :-1]) & ((branch[:, :-1] == 0) | (branch[:, :-1] == branch[:, 1:]))
-    last_prompt = torch.where((branch == 0) & (doc >= 0), col, -1).cummax(dim=1).values
-    prompt_in_doc = (last_prompt >= 0) & (doc.gather(1, last_prompt.clamp(min=0)) == doc)
-    return torch.where(follows, col - 1, last_prompt), follows | prompt_in_doc
-
-
-def _plan_block(batch: Mapping, layout: str, num_pairs: int, config, dtype: torch.dtype) -> Plan:
-    ids, positions, doc, branch, sequence_ids = (batch[key] for key in _BLOCK_KEYS)
-    L = ids.shape[1]
-    before, has_before = _predecessors(doc, branch)
-    rows, cols = ((sequence_ids >= 0) & has_before).nonzero(as_tuple=True)
-    sequence = sequence_ids[rows, cols]
-    if sequence.numel() and int(sequence.max()) >= 2 * num_pairs:
-        raise ValueError(f"batch['sequence_ids'] must be < 2 * num_pairs = {2 * num_pairs}")
-    order = torch.argsort(sequence, stable=True)
-    rows, cols, sequence = rows[order], cols[order], sequence[order]
-    source = rows * L + before[rows, cols]
-    attn = getattr(config, "_attn_implementation", None)
-    inputs = {"input_ids": ids, "position_ids": positions}
-    if is_flash(attn):
-        if layout == "prefix_shared":
-            raise ValueError(
-                f"layout='prefix_shared' needs an explicit attention mask, which "
-                f"attn_implementation={attn!r} does not take; load the model with "
-                "attn_implementation='sdpa' or 'eager'"
-            )
-    else:
-        inputs["attention_mask"] = block_attention_mask(config, doc, branch, positions, dtype=dtype)
-    return Plan(layout, inputs, source, ids[rows, cols], sequence, num_pairs, batch)
-
-
-def lower_batch(batch: Mapping, layout: str, config, dtype: torch.dtype) -> Plan:
-    """Validate ``batch`` and lower it for ``layout`` (a padded batch is re-laid out on the host)."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
-    if _is_block_batch(batch):
-        if layout == "padded":
-            raise ValueError("layout='padded' got a packed/prefix-shared batch (it has 'sequence_ids')")
-        return _plan_block(batch, layout, _check_block(batch, layout), config, dtype)
-    _check_padded(batch)
-    if layout == "padded":
-        return _plan_padded(batch)
-    device, pad = batch["input_ids"].device, 0
-    if layout == "packed":
-        block = collate_packed(sequences_from_padded(batch), pad_token_id=pad)
-    else:
-        block = collate_prefix_shared(pairs_from_padded(batch), pad_token_id=pad)
-    block = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in block.items()}
-    return _plan_block(block, layout, block["num_pairs"], config, dtype)
+    Args:
+        model: a transformers causal LM, or a PEFT wrapper of one.
+        batch, layout: as :func:`concatenated_forward`.
+        transforms: candidate logit transforms (default: read from the config, see
+            ``dpo_fast.hf.model.head_transforms``); the self-check keeps the first that
+            reproduces the model's own logits.
+        check: run the self-check (once per model and layout); False takes the first candidate.
+    """
+    base = unwrap_model(model)
+    linear, found = find_head(base)
+    backbone = find_backbone(base)
+    candidates = list(transforms) if transforms is not None else found
+    plan = lower_batch(batch, layout, text_config(base), linear.weight.dtype)
+    transform = self_check(model, backbone, linear, candidates, plan) if check else candidates[0]
+    rows = run_backbone(backbone, plan.inputs).index_select(0, plan.source)
+    return ScoredRows(rows, plan, Head(linear.weight, linear.bias, transform))
 
 
 def _head_inputs(rows: torch.Tensor, head: Head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -259,19 +162,12 @@ def concatenated_forward(
     """
     layout = check_layout(layout)
     stats = check_stats(stats)
-    base = unwrap_model(model)
-    linear, transforms = find_head(base)
-    backbone = find_backbone(base)
-    config = text_config(base)
     context = torch.no_grad() if not grad else contextlib.nullcontext()
     with context:
-        plan = lower_batch(batch, layout, config, linear.weight.dtype)
-        transform = self_check(model, backbone, linear, transforms, plan) if check else transforms[0]
-        head = Head(linear.weight, linear.bias, transform)
-        rows = run_backbone(backbone, plan.inputs).index_select(0, plan.source)
-        num_sequences = 2 * plan.num_pairs
-        rows, weight, bias = _head_inputs(rows, head)
-        logps, counts, *stat_dict = linear_sequence_logprobs(
+        scored = scored_rows(model, batch, layout, check=check)
+        plan, transform = scored.plan, scored.head.transform
+        rows, weight, bias = _head_inputs(scored.rows, scored.head)
+        logps, counts, stat_dict = linear_sequence_logprobs(
             rows.unsqueeze(0),
             weight,
             plan.labels.unsqueeze(0),
@@ -279,7 +175,7 @@ def concatenated_forward(
             logit_scale=transform.logit_scale,
             softcap=transform.softcap,
             segment_ids=plan.sequence.unsqueeze(0),
-            num_segments=num_sequences,
+            num_segments=2 * plan.num_pairs,
             stats=stats,
             backend=backend,
         )
@@ -290,7 +186,7 @@ def concatenated_forward(
     if stats:
         width = int(counts.max()) if counts.numel() else 0
         output.stats = {
-            name: _per_token(value[0], plan.sequence, counts, width) for name, value in stat_dict[0].items()
+            name: _per_token(value[0], plan.sequence, counts, width) for name, value in stat_dict.items()
         }
         output.token_mask = torch.arange(width, device=counts.device) < counts.unsqueeze(1)
     return output

@@ -38,8 +38,8 @@ from packaging.version import Version
 from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
-from ..collate import check_layout
-from ..formulas import STAT_NAMES
+from ..checks import check_layout
+from ..constants import STAT_NAMES
 from ..hf.check import self_check
 from ..hf.forward import lower_batch
 from ..hf.model import HeadTransform, find_backbone, find_head, run_backbone
@@ -263,7 +263,7 @@ def _score(
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
     with no_autocast, maybe_gather_lm_head_ctx(weight, bias):
-        result = linear_token_logprobs(
+        log_probs, stat_values = linear_token_logprobs(
             hidden,
             weight,
             labels,
@@ -275,7 +275,6 @@ def _score(
             logit_scale=logit_scale,
             stats=stats,
         )
-    log_probs, stat_values = result if stats else (result, {})
     return {"log_probs": log_probs, **stat_values}
 
 
