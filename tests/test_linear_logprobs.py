@@ -598,7 +598,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("hidden", "weight", "labels", "options", "error", "message"), BAD_INPUTS)
 def test_bad_input(hidden, weight, labels, options, error, message):
     with pytest.raises(error, match=message):
-        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options).logps
+        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
 
 
 def test_bad_segment_ids():
@@ -628,7 +628,7 @@ def test_bad_method_and_filter(options, error, message, monkeypatch):
     monkeypatch.delenv("DPO_FAST_BACKEND", raising=False)  # "auto" must resolve to a CPU backend
     hidden, weight, labels = torch.randn(2, 3, 8), torch.randn(10, 8), _long(2, 3)
     with pytest.raises(error, match=message):
-        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options).logps
+        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
     with pytest.raises(error, match=message):
         dpo_fast.linear_sequence_logprobs(hidden, weight, labels, **options)
 
@@ -637,9 +637,9 @@ def test_bad_method_and_filter(options, error, message, monkeypatch):
 def test_operands_on_different_devices():
     hidden, weight, labels = torch.randn(2, 3, 8, device="cuda"), torch.randn(10, 8), _long(2, 3).cuda()
     with pytest.raises(ValueError, match="weight is on"):
-        dpo_fast.linear_token_logprobs(hidden, weight, labels).logps
+        dpo_fast.linear_token_logprobs(hidden, weight, labels)
     with pytest.raises(ValueError, match="labels are on"):
-        dpo_fast.linear_token_logprobs(hidden, weight.cuda(), labels.cpu()).logps
+        dpo_fast.linear_token_logprobs(hidden, weight.cuda(), labels.cpu())
 
 
 @pytest.mark.gpu

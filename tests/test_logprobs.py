@@ -321,19 +321,17 @@ def test_env_var_selects_backend(monkeypatch):
     real = chunked.logprobs_forward
     monkeypatch.setattr(chunked, "logprobs_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("DPO_FAST_BACKEND", "torch")
-    dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long)).logps
+    dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
     assert calls == [1]
     monkeypatch.setenv("DPO_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="DPO_FAST_BACKEND"):
-        dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long)).logps
+        dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        dpo_fast.token_logprobs(
-            torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long), backend="triton"
-        ).logps
+        dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long), backend="triton")
 
 
 def _long(*shape):
@@ -360,7 +358,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("logits", "labels", "options", "error", "message"), BAD_INPUTS)
 def test_bad_input(logits, labels, options, error, message):
     with pytest.raises(error, match=message):
-        dpo_fast.token_logprobs(logits, labels, **options).logps
+        dpo_fast.token_logprobs(logits, labels, **options)
 
 
 def test_bad_segment_ids():
@@ -374,9 +372,7 @@ def test_bad_segment_ids():
 @pytest.mark.gpu
 def test_labels_on_another_device():
     with pytest.raises(ValueError, match="labels are on"):
-        dpo_fast.token_logprobs(
-            torch.randn(2, 3, 10, device="cuda"), torch.zeros(2, 3, dtype=torch.long)
-        ).logps
+        dpo_fast.token_logprobs(torch.randn(2, 3, 10, device="cuda"), torch.zeros(2, 3, dtype=torch.long))
 
 
 @pytest.mark.gpu
