@@ -107,7 +107,7 @@ void empty_cache_cpu() {
 }  // namespace dpo_fast
 
 TORCH_LIBRARY_FRAGMENT(dpo_fast, m) {
-  m.def("cached_empty_cpu(int[] size, ScalarType dtype) -> Tensor");
+  m.def("cached_empty_cpu(SymInt[] size, ScalarType dtype) -> Tensor");
   m.def("empty_cache_cpu() -> ()");
 }
 

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -425,37 +426,45 @@ void check_rows(const at::Tensor& t, const char* name, at::IntArrayRef shape, at
       t.is_contiguous() ? "" : " (not contiguous)");
 }
 
-const std::vector<std::string> kStatNames = {"entropy", "mean_logits", "is_top1", "log_sum_sq_probs"};
+// Bits of the `stats` mask, in dpo_fast.constants.STAT_NAMES order.
+constexpr int64_t kEntropy = 1, kMeanLogits = 2, kIsTop1 = 4, kLogSumSqProbs = 8;
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> logprobs_forward_cpu(
+// Labels are (B, T') with T' <= T: position t of row b scores logits[b, t] (a causal shift is
+// T' = T - 1, read in place).
+int64_t scored_positions(const at::Tensor& x, const at::Tensor& labels) {
+  const int64_t B = x.size(0), T = x.size(1);
+  TORCH_CHECK(
+      labels.dim() == 2 && labels.size(0) == B && labels.size(1) <= T,
+      "labels must be (B, T') with T' <= T for logits ",
+      x.sizes(),
+      ", got ",
+      labels.sizes());
+  return labels.size(1);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> logprobs_forward_cpp(
     const at::Tensor& x,
     const at::Tensor& labels,
     int64_t ignore_index,
     double scale,
     std::optional<double> softcap,
-    std::vector<std::string> stats) {
+    int64_t stats,
+    bool /*inplace_backward: read by the op's autograd, not here*/) {
   check_logits(x, "logits");
-  const int64_t B = x.size(0), T = x.size(1), V = x.size(2);
+  const int64_t B = x.size(0), V = x.size(2);
+  const int64_t T = scored_positions(x, labels);
   check_rows(labels, "labels", {B, T}, at::kLong);
-  for (const auto& name : stats) {
-    TORCH_CHECK(
-        std::find(kStatNames.begin(), kStatNames.end(), name) != kStatNames.end(),
-        "stats must be names from (entropy, mean_logits, is_top1, log_sum_sq_probs), got ",
-        name);
-  }
-  const auto wants = [&](const char* name) {
-    return std::find(stats.begin(), stats.end(), name) != stats.end();
-  };
+  TORCH_CHECK(stats >= 0 && stats < 16, "stats must be a bit mask of 4 statistics, got ", stats);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({B, T}, f32);
   at::Tensor lse = at::empty({B, T}, f32);
-  at::Tensor entropy = at::empty({wants("entropy") ? B : 0, T}, f32);
-  at::Tensor mean_logits = at::empty({wants("mean_logits") ? B : 0, T}, f32);
-  at::Tensor is_top1 = at::empty({wants("is_top1") ? B : 0, T}, x.options().dtype(at::kBool));
-  at::Tensor log_sum_sq = at::empty({wants("log_sum_sq_probs") ? B : 0, T}, f32);
+  at::Tensor entropy = at::empty({stats & kEntropy ? B : 0, T}, f32);
+  at::Tensor mean_logits = at::empty({stats & kMeanLogits ? B : 0, T}, f32);
+  at::Tensor is_top1 = at::empty({stats & kIsTop1 ? B : 0, T}, x.options().dtype(at::kBool));
+  at::Tensor log_sum_sq = at::empty({stats & kLogSumSqProbs ? B : 0, T}, f32);
   const Transform transform{
       static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0))};
-  const bool any_stats = !stats.empty();
+  const bool any_stats = stats != 0;
 
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -493,17 +502,16 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> logprobs_forward_cpu
   });
 
   std::vector<at::Tensor> stat_values;
-  for (const auto& name : stats) {
-    stat_values.push_back(
-        name == "entropy"           ? entropy
-            : name == "mean_logits" ? mean_logits
-            : name == "is_top1"     ? is_top1
-                                    : log_sum_sq);
+  for (const auto& [bit, value] : {std::pair{kEntropy, entropy},
+                                   std::pair{kMeanLogits, mean_logits},
+                                   std::pair{kIsTop1, is_top1},
+                                   std::pair{kLogSumSqProbs, log_sum_sq}}) {
+    if (stats & bit) stat_values.push_back(value);
   }
   return {logp, lse, stat_values};
 }
 
-void logprobs_backward_cpu(
+void logprobs_backward_cpp(
     const at::Tensor& grad_logp,
     const at::Tensor& x,
     const at::Tensor& labels,
@@ -514,7 +522,8 @@ void logprobs_backward_cpu(
     double scale,
     std::optional<double> softcap) {
   check_logits(x, "logits");
-  const int64_t B = x.size(0), T = x.size(1), V = x.size(2);
+  const int64_t B = x.size(0), T_all = x.size(1), V = x.size(2);
+  const int64_t T = scored_positions(x, labels);
   check_rows(labels, "labels", {B, T}, at::kLong);
   check_rows(grad_logp, "grad_logp", {B, T}, at::kFloat);
   check_rows(logp, "logp", {B, T}, at::kFloat);
@@ -545,27 +554,29 @@ void logprobs_backward_cpu(
     const int64_t stride_b = x.stride(0), stride_t = x.stride(1), stride_v = x.stride(2);
     const int64_t grad_b = grad_x.stride(0), grad_t = grad_x.stride(1), grad_v = grad_x.stride(2);
 
-    // rows laid out in order (a contiguous gradient, or its [:, :T-1] slice): a thread's rows
-    // span one address range
-    const bool rows_in_order = grad_v == 1 && grad_t == V && grad_b >= T * V;
+    // rows laid out in order (a contiguous gradient): a thread's rows span one address range
+    const bool rows_in_order = grad_v == 1 && grad_t == V && grad_b >= T_all * V;
 
-    at::parallel_for(0, B * T, grain_rows(V), [&](int64_t begin, int64_t end) {
+    // every row of grad_x is written: rows t >= T (the last position of a shifted batch) score
+    // nothing and get zeros
+    at::parallel_for(0, B * T_all, grain_rows(V), [&](int64_t begin, int64_t end) {
       if (rows_in_order) {
         const int64_t last = end - 1;
         prefault(
-            grad_ptr + (begin / T) * grad_b + (begin % T) * grad_t,
-            grad_ptr + (last / T) * grad_b + (last % T) * grad_t + V);
+            grad_ptr + (begin / T_all) * grad_b + (begin % T_all) * grad_t,
+            grad_ptr + (last / T_all) * grad_b + (last % T_all) * grad_t + V);
       }
       alignas(64) float x_buffer[kChunk];
       alignas(64) float grad_buffer[kChunk];
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / T, t = row % T;
+        const int64_t b = row / T_all, t = row % T_all;
         scalar_t* grad_row = grad_ptr + b * grad_b + t * grad_t;
-        const int64_t label = label_ptr[row];
-        if (label == ignore_index) {
+        const int64_t scored = b * T + t;  // index into the (B, T) labels and per-token values
+        if (t >= T || label_ptr[scored] == ignore_index) {
           zero_row(grad_row, grad_v, V);
           continue;
         }
+        const int64_t label = label_ptr[scored];
         check_label(label, V, ignore_index);
         backward_row(
             x_ptr + b * stride_b + t * stride_t,
@@ -574,9 +585,9 @@ void logprobs_backward_cpu(
             grad_v,
             V,
             label,
-            g_ptr[row],
-            lse_ptr[row],
-            logp_ptr[row],
+            g_ptr[scored],
+            lse_ptr[scored],
+            logp_ptr[scored],
             transform,
             x_buffer,
             grad_buffer);
@@ -590,15 +601,16 @@ void logprobs_backward_cpu(
 
 // FRAGMENT: other parts of dpo_fast may register operators in the same namespace.
 TORCH_LIBRARY_FRAGMENT(dpo_fast, m) {
+  // the calling convention of dpo_fast/ops/logprobs.py, shared by every backend
   m.def(
-      "logprobs_forward_cpu(Tensor x, Tensor labels, int ignore_index, float scale, float? softcap, "
-      "str[] stats) -> (Tensor logp, Tensor lse, Tensor[] stats)");
+      "logprobs_forward_cpp(Tensor logits, Tensor labels, int ignore_index, float scale, float? softcap, "
+      "int stats, bool inplace_backward) -> (Tensor, Tensor, Tensor[])");
   m.def(
-      "logprobs_backward_cpu(Tensor grad_logp, Tensor x, Tensor labels, Tensor logp, Tensor lse, "
-      "Tensor(a!) grad_x, int ignore_index, float scale, float? softcap) -> ()");
+      "logprobs_backward_cpp(Tensor grad_logp, Tensor logits, Tensor labels, Tensor logp, Tensor lse, "
+      "Tensor(a!) grad_logits, int ignore_index, float scale, float? softcap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dpo_fast, CPU, m) {
-  m.impl("logprobs_forward_cpu", &dpo_fast::logprobs_forward_cpu);
-  m.impl("logprobs_backward_cpu", &dpo_fast::logprobs_backward_cpu);
+  m.impl("logprobs_forward_cpp", &dpo_fast::logprobs_forward_cpp);
+  m.impl("logprobs_backward_cpp", &dpo_fast::logprobs_backward_cpp);
 }

@@ -79,7 +79,7 @@ def check_stats(stats: Iterable[str]) -> tuple[str, ...]:
     """Normalize ``stats`` to a tuple of known statistic names."""
     if isinstance(stats, str):
         stats = (stats,)
-    stats = tuple(stats)
+    stats = tuple(dict.fromkeys(stats))  # each statistic once, in the caller's order
     unknown = [s for s in stats if s not in STAT_NAMES]
     if unknown:
         raise ValueError(f"stats must be names from {STAT_NAMES}, got unknown {unknown}")
@@ -126,35 +126,6 @@ def check_linear_head(hidden: object, weight: object, bias: object) -> None:
         )
     if bias.device != hidden.device:
         raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-
-
-LINEAR_METHODS = ("chunked", "fused")
-
-
-def check_linear_method(
-    method: object, grad_filter_eps: object, backend: str, resolved: str, device: torch.device
-) -> None:
-    """``method`` is ``"chunked"`` or ``"fused"``; ``"fused"`` runs on the Triton backend only
-    (``backend`` as given, ``resolved`` what it maps to on ``device``); ``grad_filter_eps``
-    is None or a probability in ``(0, 1]`` and only with ``"fused"``."""
-    if method not in LINEAR_METHODS:
-        raise ValueError(f"method must be one of {LINEAR_METHODS}, got {method!r}")
-    if method == "fused" and resolved != "triton":
-        raise ValueError(
-            f"method='fused' needs the Triton backend (CUDA tensors, or backend='triton' with "
-            f"TRITON_INTERPRET=1 for CPU tensors); backend={backend!r} resolved to {resolved!r} "
-            f"for tensors on {device}"
-        )
-    if grad_filter_eps is None:
-        return
-    if method != "fused":
-        raise ValueError(
-            f"grad_filter_eps needs method='fused' (the fused kernels filter), got method={method!r}"
-        )
-    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)):
-        raise TypeError(f"grad_filter_eps must be None or a float, got {type(grad_filter_eps).__name__}")
-    if not 0.0 < grad_filter_eps <= 1.0:
-        raise ValueError(f"grad_filter_eps must be in (0, 1] (a softmax probability), got {grad_filter_eps}")
 
 
 def check_layout(layout: object) -> str:

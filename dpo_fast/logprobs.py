@@ -1,26 +1,24 @@
-"""Label log-probs from logits: the public API and its autograd wrapper.
+"""Label log-probs from logits: the public functions.
 
-Data flow: validate -> view the logits as ``(B, T, V)`` (the shift is a slice, not a copy)
--> a backend's ``logprobs_forward`` writes per-token log-probs and log-sum-exp ->
-``_TokenLogprobs.backward`` recomputes the softmax row by row into the gradient buffer.
-Backends share one calling convention: ``dpo_fast.kernels.logprobs`` (Triton) and
-``dpo_fast.ops.logprobs`` (PyTorch).
+Data flow: validate (``dpo_fast.checks``) -> view the logits as ``(B, T, V)`` (the causal
+shift is ``labels[:, 1:]`` against the same logits, never a copy) -> ``dpo_fast.registry``
+picks a backend -> its ``dpo_fast::logprobs_forward_<backend>`` operator writes per-token
+log-probs and log-sum-exp; its autograd (``dpo_fast.ops.logprobs``) recomputes the softmax
+row by row into the gradient buffer. Per-sequence and per-segment sums: ``dpo_fast.segments``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from types import ModuleType
 from typing import NamedTuple
 
 import torch
 
-from .checks import check_float_tensor, check_labels, check_segment_ids, check_stats, check_transform
-from .ops import cpp
-from .ops import logprobs as chunked
-from .registry import resolve_backend
-from .segments import count_segments, segment_sum
+from . import registry
+from .checks import check_float_tensor, check_labels, check_stats, check_transform
+from .ops.library import stat_mask, stat_names
+from .segments import sequence_sums
 
 
 class TokenLogprobs(NamedTuple):
@@ -51,71 +49,6 @@ class SequenceLogprobs(NamedTuple):
     stats: dict[str, torch.Tensor]
 
 
-def _implementation(backend: str) -> ModuleType:
-    if backend == "triton":
-        # imported on first use: Triton reads TRITON_INTERPRET when the kernels are defined
-        from .kernels import logprobs as triton_logprobs
-
-        return triton_logprobs
-    if backend == "cpp":
-        return cpp
-    return chunked
-
-
-def new_buffer(
-    shape: Sequence[int], dtype: torch.dtype, device: torch.device, impl: ModuleType
-) -> torch.Tensor:
-    """An uninitialized contiguous ``[tokens, V]`` buffer (a gradient or a logits tile).
-
-    With the C++ backend it comes from ``dpo_fast.cpp``'s cache of freed blocks: a fresh
-    CPU buffer costs more in page faults than the kernel that fills it.
-    """
-    if impl is cpp:
-        return cpp.empty(shape, dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """Per-token log-probs of ``(B, T, V)`` logits; differentiable w.r.t. the logits."""
-
-    @staticmethod
-    def forward(ctx, logits, x, labels, ignore_index, scale, softcap, stats, inplace, impl):
-        logp, lse, stat_values = impl.logprobs_forward(
-            x, labels, ignore_index=ignore_index, scale=scale, softcap=softcap, stats=stats
-        )
-        ctx.save_for_backward(logits, labels, logp, lse)
-        ctx.options = (ignore_index, scale, softcap, inplace, impl)
-        ctx.mark_non_differentiable(*stat_values.values())
-        return (logp, *stat_values.values())
-
-    @staticmethod
-    def backward(ctx, grad_logp, *_):
-        logits, labels, logp, lse = ctx.saved_tensors
-        ignore_index, scale, softcap, inplace, impl = ctx.options
-        B, T = labels.shape
-        grad = logits if inplace else new_buffer(logits.shape, logits.dtype, logits.device, impl)
-        grad_rows = _rows(grad, B)
-        # logits [:, T:] are the last position of a shifted batch: they score nothing
-        grad_rows[:, T:].zero_()
-        impl.logprobs_backward(
-            grad_logp.contiguous(),
-            _rows(logits, B)[:, :T],
-            labels,
-            logp,
-            lse,
-            grad_rows[:, :T],
-            ignore_index=ignore_index,
-            scale=scale,
-            softcap=softcap,
-        )
-        return grad, *([None] * 8)
-
-
-def _rows(logits: torch.Tensor, batch: int) -> torch.Tensor:
-    """``(..., T, V)`` as ``(B, T, V)``: a view unless the leading dims cannot merge."""
-    return logits.reshape(batch, logits.shape[-2], logits.shape[-1])
-
-
 def _prepare(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -124,7 +57,8 @@ def _prepare(
     temperature: float,
     softcap: float | None,
     stats: Sequence[str],
-) -> tuple[int, torch.Tensor, tuple[str, ...]]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Validated ``(logits (B, T, V), labels (B, T') int64, stats)``; ``T' = T - 1`` with ``shift``."""
     check_float_tensor("logits", logits, min_dim=2)
     vocab_size = logits.shape[-1]
     if vocab_size == 0:
@@ -134,10 +68,12 @@ def _prepare(
     check_labels(labels, tuple(logits.shape[:-1]), vocab_size, ignore_index, logits.device)
     check_transform(temperature, softcap)
     batch = math.prod(logits.shape[:-2])
+    # a view unless the leading dims cannot merge (then autograd copies the gradient back)
+    rows = logits.reshape(batch, logits.shape[-2], vocab_size)
     labels = labels.reshape(batch, logits.shape[-2])
     if shift:
         labels = labels[:, 1:]
-    return batch, labels.to(torch.int64).contiguous(), check_stats(stats)
+    return rows, labels.to(torch.int64).contiguous(), check_stats(stats)
 
 
 def token_logprobs(
@@ -169,27 +105,28 @@ def token_logprobs(
             so a step holds one ``[tokens, V]`` buffer instead of two. Destroys the logits.
             Needs contiguous logits; otherwise backward uses a separate buffer as usual.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` (see ``dpo_fast.registry``).
+            Under ``torch.compile`` every backend traces without a graph break.
 
     Returns:
         :class:`TokenLogprobs` ``(logps, stats)``: float32 ``(..., T)`` (``(..., T - 1)`` with
         ``shift``), 0.0 at ignored positions, and the requested statistics of that shape.
     """
-    batch, flat_labels, stats = _prepare(logits, labels, ignore_index, shift, temperature, softcap, stats)
-    impl = _implementation(resolve_backend(backend, logits.device))
-    scale = 1.0 / temperature
+    rows, flat_labels, stats = _prepare(logits, labels, ignore_index, shift, temperature, softcap, stats)
+    backend = registry.resolve("logprobs", backend, logits.device.type)
+    # in place only where the gradient buffer can be the caller's own storage, and never while
+    # compiling: the compiler owns the buffers of a traced graph
+    inplace = (
+        inplace_backward
+        and rows.data_ptr() == logits.data_ptr()
+        and logits.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
+    forward = registry.operator("logprobs", "forward", backend)
+    mask = stat_mask(stats)
+    logp, _, stat_values = forward(rows, flat_labels, ignore_index, 1.0 / temperature, softcap, mask, inplace)
     out_shape = (*logits.shape[:-2], flat_labels.shape[1])
-    x = _rows(logits, batch)[:, : flat_labels.shape[1]]
-    if torch.is_grad_enabled() and logits.requires_grad:
-        inplace = inplace_backward and x.data_ptr() == logits.data_ptr() and logits.is_contiguous()
-        logp, *stat_values = _TokenLogprobs.apply(
-            logits, x, flat_labels, ignore_index, scale, softcap, stats, inplace, impl
-        )
-        stat_dict = dict(zip(stats, stat_values, strict=True))
-    else:
-        logp, _, stat_dict = impl.logprobs_forward(
-            x, flat_labels, ignore_index=ignore_index, scale=scale, softcap=softcap, stats=stats
-        )
-    return TokenLogprobs(logp.view(out_shape), {name: stat_dict[name].view(out_shape) for name in stats})
+    named = dict(zip(stat_names(mask), stat_values, strict=True))
+    return TokenLogprobs(logp.view(out_shape), {name: named[name].view(out_shape) for name in stats})
 
 
 def sequence_logprobs(
@@ -246,42 +183,3 @@ def sequence_logprobs(
         average=average,
     )
     return SequenceLogprobs(logps, num_tokens, stat_dict)
-
-
-def sequence_sums(
-    per_token: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int,
-    shift: bool,
-    segment_ids: torch.Tensor | None,
-    num_segments: int | None,
-    average: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (or per-segment) sums of per-token log-probs and token counts.
-
-    Shared by :func:`sequence_logprobs` and ``dpo_fast.linear_sequence_logprobs``.
-
-    Args:
-        per_token: float32 ``(..., T')``, ``T' = T - 1`` with ``shift``, 0 where not scored.
-        labels: the validated, unshifted ``(..., T)`` labels.
-        ignore_index, shift, segment_ids, num_segments, average: as :func:`sequence_logprobs`.
-    """
-    expected_shape = tuple(labels.shape)
-    if shift:
-        labels = labels[..., 1:]
-    scored = labels != ignore_index
-    if segment_ids is None:
-        logps, num_tokens = per_token.sum(-1), scored.sum(-1)
-    else:
-        check_segment_ids(segment_ids, expected_shape, labels.device)
-        if shift:
-            segment_ids = segment_ids[..., 1:]
-        segment_ids = torch.where(scored, segment_ids, -1)
-        if num_segments is None:
-            num_segments = count_segments(segment_ids)
-        logps = segment_sum(per_token, segment_ids, num_segments)
-        num_tokens = segment_sum(scored, segment_ids, num_segments)
-    if average:
-        logps = logps / num_tokens.clamp(min=1)
-    return logps, num_tokens

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import registry
 from .constants import (
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
@@ -31,7 +32,6 @@ from .constants import (
     REFERENCE_FREE,
     REWARD_KINDS,
 )
-from .registry import resolve_backend
 
 LOGP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # f-divergence exponents are clamped here (TRL clamps the alpha-divergence's in fp32 alike).
@@ -650,6 +650,6 @@ def preference_loss(
         chosen_lengths,
         rejected_lengths,
     )
-    if resolve_backend(backend, chosen_logps.device) == "triton":
+    if registry.resolve("preference_loss", backend, chosen_logps.device.type) == "triton":
         return PreferenceLossOutput(*_triton_preference_loss(*args, chosen_nll, spec))
     return PreferenceLossOutput(*pair_losses(*args, chosen_nll, spec))

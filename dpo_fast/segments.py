@@ -1,8 +1,10 @@
-"""Deterministic per-segment sums for packed rows (several sequences in one row)."""
+"""Per-sequence and per-segment sums of per-token values: deterministic (no atomics)."""
 
 from __future__ import annotations
 
 import torch
+
+from .checks import check_segment_ids
 
 # Elements of the (segments x tokens) one-hot alive per step.
 _ONE_HOT_ELEMENTS = 1 << 24
@@ -33,3 +35,42 @@ def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: i
     if not parts:
         return values.new_zeros(out_shape)
     return torch.cat(parts, dim=-1)
+
+
+def sequence_sums(
+    per_token: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    segment_ids: torch.Tensor | None,
+    num_segments: int | None,
+    average: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (or per-segment) sums of per-token log-probs and token counts.
+
+    Shared by ``dpo_fast.sequence_logprobs`` and ``dpo_fast.linear_sequence_logprobs``.
+
+    Args:
+        per_token: float32 ``(..., T')``, ``T' = T - 1`` with ``shift``, 0 where not scored.
+        labels: the validated, unshifted ``(..., T)`` labels.
+        ignore_index, shift, segment_ids, num_segments, average: as ``dpo_fast.sequence_logprobs``.
+    """
+    expected_shape = tuple(labels.shape)
+    if shift:
+        labels = labels[..., 1:]
+    scored = labels != ignore_index
+    if segment_ids is None:
+        logps, num_tokens = per_token.sum(-1), scored.sum(-1)
+    else:
+        check_segment_ids(segment_ids, expected_shape, labels.device)
+        if shift:
+            segment_ids = segment_ids[..., 1:]
+        segment_ids = torch.where(scored, segment_ids, -1)
+        if num_segments is None:
+            num_segments = count_segments(segment_ids)
+        logps = segment_sum(per_token, segment_ids, num_segments)
+        num_tokens = segment_sum(scored, segment_ids, num_segments)
+    if average:
+        logps = logps / num_tokens.clamp(min=1)
+    return logps, num_tokens

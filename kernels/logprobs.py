@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # One row streams through SRAM in blocks of this many logits (16 KiB of fp32 per block).
 MAX_BLOCK_V = 4096
@@ -191,100 +192,106 @@ def _block_v(vocab_size: int) -> int:
 
 
 def logprobs_forward(
-    x: torch.Tensor,
+    logits: torch.Tensor,
     labels: torch.Tensor,
-    *,
     ignore_index: int,
     scale: float,
     softcap: float | None,
-    stats: tuple[str, ...] = (),
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Launch the forward kernel.
+    stats: int,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Launch the forward kernel (the ``dpo_fast::logprobs_forward_triton`` operator).
 
     Args:
-        x: ``(B, T, V)`` logits (fp16/bf16/fp32), any strides.
-        labels: ``(B, T)`` contiguous int64.
+        logits: ``(B, T, V)`` fp16/bf16/fp32, any strides.
+        labels: ``(B, T')`` contiguous int64, ``T' <= T``: position ``t`` scores ``logits[:, t]``.
+        stats: bit mask of the statistics to compute, bits in the order entropy, mean_logits,
+            is_top1, log_sum_sq_probs.
+        inplace_backward: read by the operator's autograd, not here.
     Returns:
-        ``logp`` and ``lse`` ``(B, T)`` fp32, and the requested statistics ``(B, T)``
-        (``is_top1`` bool, others fp32).
+        ``logp`` and ``lse`` ``(B, T')`` fp32, and the requested statistics ``(B, T')`` in bit
+        order (``is_top1`` bool, others fp32).
     """
-    B, T, V = x.shape
-    n_rows = B * T
-    logp = torch.empty((B, T), device=x.device, dtype=torch.float32)
+    del inplace_backward
+    B, T = labels.shape
+    V = logits.shape[2]
+    logp = torch.empty((B, T), device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
-    outputs = {
-        "entropy": torch.empty_like(logp) if "entropy" in stats else None,
-        "mean_logits": torch.empty_like(logp) if "mean_logits" in stats else None,
-        "is_top1": torch.empty((B, T), device=x.device, dtype=torch.int8) if "is_top1" in stats else None,
-        "log_sum_sq_probs": torch.empty_like(logp) if "log_sum_sq_probs" in stats else None,
-    }
-    if n_rows > 0:
-        _logprobs_forward_kernel[(n_rows,)](
-            x,
+    want = [bool(stats >> bit & 1) for bit in range(4)]
+    entropy, mean, top1, sumsq = (
+        torch.empty((B, T), device=logits.device, dtype=torch.int8 if bit == 2 else torch.float32)
+        if want[bit]
+        else logp
+        for bit in range(4)
+    )
+    if B * T > 0:
+        wrap_triton(_logprobs_forward_kernel)[(B * T,)](
+            logits,
             labels,
             logp,
             lse,
-            outputs["entropy"] if outputs["entropy"] is not None else logp,
-            outputs["mean_logits"] if outputs["mean_logits"] is not None else logp,
-            outputs["is_top1"] if outputs["is_top1"] is not None else logp,
-            outputs["log_sum_sq_probs"] if outputs["log_sum_sq_probs"] is not None else logp,
+            entropy,
+            mean,
+            top1,
+            sumsq,
             T,
             V,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
+            logits.stride(0),
+            logits.stride(1),
+            logits.stride(2),
             ignore_index,
             scale,
             softcap if softcap is not None else 1.0,
             HAS_SOFTCAP=softcap is not None,
-            WANT_ENTROPY="entropy" in stats,
-            WANT_MEAN="mean_logits" in stats,
-            WANT_TOP1="is_top1" in stats,
-            WANT_SUMSQ="log_sum_sq_probs" in stats,
+            WANT_ENTROPY=want[0],
+            WANT_MEAN=want[1],
+            WANT_TOP1=want[2],
+            WANT_SUMSQ=want[3],
             BLOCK_V=_block_v(V),
             num_warps=NUM_WARPS,
         )
-    stat_values = {name: value for name, value in outputs.items() if value is not None}
-    if "is_top1" in stat_values:
-        stat_values["is_top1"] = stat_values["is_top1"].bool()
-    return logp, lse, stat_values
+    values = [entropy, mean, top1.bool() if want[2] else top1, sumsq]
+    return logp, lse, [value for value, wanted in zip(values, want, strict=True) if wanted]
 
 
 def logprobs_backward(
     grad_logp: torch.Tensor,
-    x: torch.Tensor,
+    logits: torch.Tensor,
     labels: torch.Tensor,
     logp: torch.Tensor,
     lse: torch.Tensor,
-    grad_x: torch.Tensor,
-    *,
+    grad_logits: torch.Tensor,
     ignore_index: int,
     scale: float,
     softcap: float | None,
 ) -> None:
-    """Launch the backward kernel, writing every element of ``grad_x`` ``(B, T, V)``.
+    """Launch the backward kernel (the ``dpo_fast::logprobs_backward_triton`` operator),
+    writing every element of ``grad_logits`` ``(B, T, V)``.
 
-    ``grad_x`` may alias ``x`` (in-place backward): each element is read before it is
-    written by the same program.
+    ``grad_logp``, ``logp``, ``lse`` are ``(B, T')`` contiguous fp32 as forward returns them;
+    rows ``t >= T'`` of ``grad_logits`` get zeros. ``grad_logits`` may alias ``logits``
+    (in-place backward): each element is read before it is written by the same program.
     """
-    B, T, V = x.shape
+    B, T = labels.shape
+    V = logits.shape[2]
+    grad_logits[:, T:].zero_()
     if B * T == 0:
         return
-    _logprobs_backward_kernel[(B * T,)](
+    wrap_triton(_logprobs_backward_kernel)[(B * T,)](
         grad_logp,
-        x,
+        logits,
         labels,
         logp,
         lse,
-        grad_x,
+        grad_logits,
         T,
         V,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        grad_x.stride(0),
-        grad_x.stride(1),
-        grad_x.stride(2),
+        logits.stride(0),
+        logits.stride(1),
+        logits.stride(2),
+        grad_logits.stride(0),
+        grad_logits.stride(1),
+        grad_logits.stride(2),
         ignore_index,
         scale,
         softcap if softcap is not None else 1.0,

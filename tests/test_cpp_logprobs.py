@@ -13,13 +13,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import make_labels
+from helpers import OpRecorder, make_labels
 
 import dpo_fast
+from dpo_fast import registry
 from dpo_fast.constants import STAT_NAMES
 from dpo_fast.formulas import dense_token_logprobs
 from dpo_fast.ops import cpp
-from dpo_fast.ops import logprobs as chunked
+from dpo_fast.ops.library import stat_mask, stat_names
 
 # Logits per chunk in csrc/logprobs_cpu.cpp: vocabularies around it cross chunk boundaries.
 CHUNK = 2048
@@ -31,21 +32,25 @@ def cpp_built():
         pytest.skip("no C++ compiler (the fallback test covers this machine)")
     # where a compiler exists the kernels must build: a silent fallback would let the
     # backend="cpp" reference suite test the torch backend instead
-    assert cpp.available(), cpp._state
+    assert registry.load("logprobs", "cpp"), registry.unavailable_reason("cpp")
 
 
 needs_cpp = pytest.mark.usefixtures("cpp_built")
 
 
-def _forward(x, labels, backend_module=cpp, ignore_index=-100, scale=1.0, softcap=None, stats=STAT_NAMES):
-    return backend_module.logprobs_forward(
-        x, labels, ignore_index=ignore_index, scale=scale, softcap=softcap, stats=stats
+def _forward(x, labels, backend="cpp", ignore_index=-100, scale=1.0, softcap=None, stats=STAT_NAMES):
+    """The backend's forward operator, statistics by name."""
+    registry.load("logprobs", backend)
+    mask = stat_mask(stats)
+    logp, lse, values = registry.operator("logprobs", "forward", backend)(
+        x, labels, ignore_index, scale, softcap, mask, False
     )
+    return logp, lse, dict(zip(stat_names(mask), values, strict=True))
 
 
 def _backward(x, labels, logp, lse, grad_x, grad_logp, ignore_index=-100, scale=1.0, softcap=None):
-    cpp.logprobs_backward(
-        grad_logp, x, labels, logp, lse, grad_x, ignore_index=ignore_index, scale=scale, softcap=softcap
+    torch.ops.dpo_fast.logprobs_backward_cpp(
+        grad_logp, x, labels, logp, lse, grad_x, ignore_index, scale, softcap
     )
     return grad_x
 
@@ -92,7 +97,7 @@ def test_chunk_boundaries_and_stats(dtype):
     x[0, 2, -1] = 40.0
     labels[0, 2] = vocab_size - 1
     logp, lse, stats = _forward(x, labels, scale=1.3)
-    ref_logp, ref_lse, ref_stats = _forward(x, labels, backend_module=chunked, scale=1.3)
+    ref_logp, ref_lse, ref_stats = _forward(x, labels, backend="torch", scale=1.3)
     torch.testing.assert_close(logp, ref_logp, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
     for name in ("entropy", "mean_logits", "log_sum_sq_probs"):
@@ -171,17 +176,19 @@ def test_registered_as_custom_operators():
     x = torch.randn(2, 5, 300)
     labels = make_labels((2, 5), 300)
     ops = torch.ops.dpo_fast
-    logp, lse, stats = ops.logprobs_forward_cpu(x, labels, -100, 1.0, None, ["is_top1", "entropy"])
-    assert stats[0].dtype == torch.bool and stats[1].dtype == torch.float32
+    logp, lse, stats = ops.logprobs_forward_cpp(
+        x, labels, -100, 1.0, None, stat_mask(["is_top1", "entropy"]), False
+    )
+    assert stats[0].dtype == torch.float32 and stats[1].dtype == torch.bool  # STAT_NAMES order
     grad = torch.empty_like(x)
-    torch.library.opcheck(ops.logprobs_forward_cpu, (x, labels, -100, 0.5, 3.0, list(STAT_NAMES)))
+    torch.library.opcheck(ops.logprobs_forward_cpp, (x, labels, -100, 0.5, 3.0, stat_mask(STAT_NAMES), False))
     torch.library.opcheck(
-        ops.logprobs_backward_cpu, (torch.randn(2, 5), x, labels, logp, lse, grad, -100, 0.5, 3.0)
+        ops.logprobs_backward_cpp, (torch.randn(2, 5), x, labels, logp, lse, grad, -100, 0.5, 3.0)
     )
 
     @torch.compile(backend="eager", fullgraph=True)
     def traced(x, labels):
-        return ops.logprobs_forward_cpu(x, labels, -100, 1.0, None, [])[0]
+        return ops.logprobs_forward_cpp(x, labels, -100, 1.0, None, 0, False)[0]
 
     assert torch.equal(traced(x, labels), logp)
 
@@ -223,12 +230,10 @@ def test_gradient_in_a_reused_poisoned_block(shift):
 
 @needs_cpp
 def test_auto_picks_cpp_on_cpu(monkeypatch):
-    calls = []
-    real = cpp.logprobs_forward
-    monkeypatch.setattr(cpp, "logprobs_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.delenv("DPO_FAST_BACKEND", raising=False)
-    dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
-    assert calls == [1]
+    with OpRecorder() as ran:
+        dpo_fast.token_logprobs(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
+    assert ran.names == ["dpo_fast::logprobs_forward_cpp"]
 
 
 FALLBACK_SCRIPT = textwrap.dedent(

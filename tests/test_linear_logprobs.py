@@ -1,11 +1,9 @@
 """dpo_fast.linear_token_logprobs / linear_sequence_logprobs against a float64 oracle that
 materializes the logits (``hidden @ weight.T + bias``) and differentiates through them.
 
-Every path runs the suite: design (a) (``method="chunked"``) on every backend and design (b)
-(``method="fused"``) on Triton, both through the interpreter on CPU, so sizes are small.
-``small_tiles`` forces several token chunks per call and several blocks per fused kernel, so
-chunk and block boundaries, masks and the fp32 accumulation of the weight gradient across
-chunks are exercised.
+Every backend runs the suite (Triton through the interpreter on CPU, so sizes are small).
+``small_tiles`` forces several token chunks per call, so chunk boundaries, masks and the fp32
+accumulation of the weight gradient across chunks are exercised.
 """
 
 from __future__ import annotations
@@ -16,18 +14,14 @@ from helpers import make_labels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpo_fast
-import dpo_fast.kernels.linear_logprobs as fused
-import dpo_fast.linear_logprobs as linear
+import dpo_fast.ops.linear_logprobs as linear
 from dpo_fast.formulas import dense_token_logprobs, rows_forward
 
-# (backend, method): design (a) on every backend, design (b) on Triton
 PATHS = {
     "torch": {"backend": "torch"},
     "triton": {"backend": "triton"},
     "cpp": {"backend": "cpp"},
-    "fused": {"backend": "triton", "method": "fused"},
 }
-FUSED = PATHS["fused"]
 every_path = pytest.mark.parametrize("path", list(PATHS.values()), ids=list(PATHS))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The oracle sees the same rounded inputs; what remains is the logits tile rounded to the
@@ -38,10 +32,8 @@ GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Three tokens per chunked logits tile; 16 x 16 x 16 fused blocks (tl.dot's minimum)."""
+    """Three tokens per logits tile."""
     monkeypatch.setattr(linear, "chunk_rows", lambda *_: 3)
-    for name in ("BLOCK_N", "BLOCK_V", "BLOCK_H"):
-        monkeypatch.setattr(fused, name, 16)
 
 
 def make_head(shape, hidden_size, vocab_size, dtype=torch.float32, bias=False):
@@ -62,7 +54,7 @@ def oracle(hidden, weight, bias, labels, **options):
 
 def check_against_oracle(hidden, weight, bias, labels, path, tol_scale=1.0, **options):
     """Values and gradients (hidden, weight, bias) vs the float64 oracle; ``path`` holds the
-    backend and method keywords."""
+    backend keyword."""
     dtype = weight.dtype
     ours = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **path, **options).logps
     leaves, expected = oracle(hidden, weight, bias, labels, **options)
@@ -214,7 +206,7 @@ def test_tied_embedding_and_head(path, small_tiles):
     torch.testing.assert_close(total.double(), w64.grad, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", [PATHS["torch"], FUSED], ids=["torch", "fused"])
+@pytest.mark.parametrize("path", [PATHS["torch"]], ids=["torch"])
 def test_autocast_mixed_dtypes(path):
     """Under autocast the matmuls run in the autocast dtype, whatever the operands' dtypes;
     gradients come back in each operand's own dtype."""
@@ -415,10 +407,10 @@ def test_deterministic(path, small_tiles):
 def test_chunk_rows_respects_the_budget():
     for vocab_size in (7, 32000, 128256, 10**9):
         for dtype in (torch.float32, torch.bfloat16):
-            rows = linear.chunk_rows(vocab_size, dtype, torch.device("cpu"))
+            rows = linear.chunk_rows(vocab_size, dtype, "cpu")
             assert rows >= 1
             assert rows == 1 or rows * vocab_size * dtype.itemsize <= linear.DEFAULT_TILE_BYTES
-    assert linear.chunk_rows(128256, torch.bfloat16, torch.device("cuda")) % 64 == 0
+    assert linear.chunk_rows(128256, torch.bfloat16, "cuda") % 64 == 0
 
 
 class LargestTensor(TorchDispatchMode):
@@ -446,7 +438,7 @@ def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
     tokens, hidden_size, vocab_size = 2048, 16, 4096
     hidden, weight, bias = make_head((2, tokens // 2), hidden_size, vocab_size, bias=True)
     labels = make_labels((2, tokens // 2), vocab_size, ignore_frac=0.0)
-    chunk = linear.chunk_rows(vocab_size, torch.float32, torch.device("cpu"))
+    chunk = linear.chunk_rows(vocab_size, torch.float32, "cpu")
     assert 4 * chunk <= tokens
     with LargestTensor() as monitor:
         out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend).logps
@@ -457,79 +449,6 @@ def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
     with LargestTensor() as monitor, torch.no_grad():
         torch.log_softmax(hidden @ weight.T, -1)
     assert monitor.largest >= tokens * vocab_size
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.usefixtures("small_tiles", "poisoned_outputs")
-def test_fused_several_blocks_of_every_kind(dtype):
-    """Three token blocks (the last 6 tokens), seven vocabulary blocks (the last 5 wide) and
-    three steps along H (the last 8 wide) per tile."""
-    hidden, weight, bias = make_head((3, 14), 40, 101, dtype, bias=True)
-    labels = make_labels((3, 14), 101, ignore_frac=0.0)
-    labels[0, :4] = -100  # 38 scored tokens
-    check_against_oracle(hidden, weight, bias, labels, FUSED, softcap=3.0, logit_scale=1.3)
-
-
-def test_fused_allocates_nothing_of_tokens_by_vocab():
-    """The fused kernels write no logits: the largest tensor any op returns in forward and
-    backward is the fp32 weight-gradient accumulator (V x H; in bytes, as Triton's
-    interpreter copies kernel arguments as byte buffers)."""
-    tokens, hidden_size, vocab_size = 256, 16, 512
-    hidden, weight, bias = make_head((tokens,), hidden_size, vocab_size, bias=True)
-    labels = make_labels((tokens,), vocab_size, ignore_frac=0.0)
-    with LargestTensor() as monitor:
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, **FUSED).logps
-        out.sum().backward()
-    assert monitor.largest_bytes == vocab_size * hidden_size * 4
-    assert monitor.largest_bytes * 16 <= tokens * vocab_size * 4
-    assert weight.grad.abs().max() > 0
-
-
-def test_gradient_filtering(small_tiles):
-    """grad_filter_eps skips exactly the tiles without labels whose probabilities are all
-    below eps, within the documented bound; with nothing below eps it changes no bit."""
-    tokens, hidden_size, vocab_size = 48, 16, 150  # 3 x 10 tiles of 16 x 16 (the last 6 wide)
-    hidden, weight, bias = make_head((tokens,), hidden_size, vocab_size, bias=True)
-    with torch.no_grad():
-        # a Zipf-like head: vocabulary blocks 0-1 likely, 2-5 plausible (p ~ 1e-2), 6-9
-        # negligible (p ~ 1e-14): eps = 1e-8 lies far from every tile's largest probability
-        bias.copy_(torch.cat([torch.zeros(32), torch.full((64,), -4.0), torch.full((54,), -40.0)]))
-    labels = torch.randint(0, 32, (tokens,))
-    labels[5] = 131  # one label in block 8: that tile (token block 0) must be kept
-    options = {"softcap": 30.0, "temperature": 0.8}
-    scale, eps = 1 / 0.8, 1e-8
-    upstream = torch.randn(tokens)
-
-    def run(grad_filter_eps):
-        leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
-        out = dpo_fast.linear_token_logprobs(
-            leaves[0], leaves[1], labels, bias=leaves[2], grad_filter_eps=grad_filter_eps, **FUSED, **options
-        ).logps
-        return out, torch.autograd.grad((out * upstream).sum(), leaves)
-
-    exact_out, exact = run(None)
-    _, unfiltered = run(1e-30)  # filtering on, every probability above eps
-    assert all(torch.equal(a, b) for a, b in zip(exact, unfiltered, strict=True))
-    out, filtered = run(eps)
-    assert torch.equal(out, exact_out)  # forward untouched
-    assert torch.equal(filtered[2], exact[2])  # the bias gradient is never filtered
-    grad_weight, exact_weight = filtered[1], exact[1]
-    # blocks 0-5 skip nothing: the same bits; blocks 6, 7, 9 skip every tile: exactly zero
-    assert torch.equal(grad_weight[:96], exact_weight[:96])
-    for block in (6, 7, 9):
-        rows = slice(16 * block, 16 * block + 16)
-        assert (grad_weight[rows] == 0).all() and (exact_weight[rows] != 0).any(), block
-    # block 8 keeps the tile with the label and skips the two others
-    assert (grad_weight[128:144] != 0).any() and not torch.equal(grad_weight[128:144], exact_weight[128:144])
-    # the documented bound, plus the fp32 rounding of the sums
-    g = upstream.abs().double()
-    bounds = (
-        eps * scale * g[:, None] * weight.detach().double().abs().sum(0),
-        eps * scale * (g[:, None] * hidden.detach().double().abs()).sum(0).expand(vocab_size, -1),
-    )
-    for ours, ref, bound in zip(filtered[:2], exact[:2], bounds, strict=True):
-        error = (ours.double() - ref.double()).abs()
-        assert (error <= bound + 1e-6 * ref.abs().max().item()).all()
 
 
 def _long(*shape):
@@ -607,32 +526,6 @@ def test_bad_segment_ids():
         dpo_fast.linear_sequence_logprobs(hidden, weight, labels, segment_ids=_long(2, 4))
 
 
-BAD_METHODS = [
-    # (options, error, message)
-    ({"method": "fast"}, ValueError, r"method must be one of \('chunked', 'fused'\), got 'fast'"),
-    ({"method": "fused"}, ValueError, r"method='fused' needs the Triton backend.*backend='auto' resolved"),
-    ({"method": "fused", "backend": "torch"}, ValueError, r"backend='torch' resolved to 'torch'"),
-    ({"method": "fused", "backend": "cpp"}, ValueError, r"method='fused' needs the Triton backend"),
-    ({"grad_filter_eps": 1e-4}, ValueError, r"grad_filter_eps needs method='fused'.*got method='chunked'"),
-    ({"grad_filter_eps": 1e-4, "backend": "triton"}, ValueError, "grad_filter_eps needs method='fused'"),
-    ({**FUSED, "grad_filter_eps": 0.0}, ValueError, r"grad_filter_eps must be in \(0, 1\]"),
-    ({**FUSED, "grad_filter_eps": 1.5}, ValueError, r"grad_filter_eps must be in \(0, 1\]"),
-    ({**FUSED, "grad_filter_eps": float("nan")}, ValueError, r"grad_filter_eps must be in \(0, 1\]"),
-    ({**FUSED, "grad_filter_eps": True}, TypeError, "grad_filter_eps must be None or a float, got bool"),
-    ({**FUSED, "grad_filter_eps": "1e-4"}, TypeError, "grad_filter_eps must be None or a float, got str"),
-]
-
-
-@pytest.mark.parametrize(("options", "error", "message"), BAD_METHODS)
-def test_bad_method_and_filter(options, error, message, monkeypatch):
-    monkeypatch.delenv("DPO_FAST_BACKEND", raising=False)  # "auto" must resolve to a CPU backend
-    hidden, weight, labels = torch.randn(2, 3, 8), torch.randn(10, 8), _long(2, 3)
-    with pytest.raises(error, match=message):
-        dpo_fast.linear_token_logprobs(hidden, weight, labels, **options)
-    with pytest.raises(error, match=message):
-        dpo_fast.linear_sequence_logprobs(hidden, weight, labels, **options)
-
-
 @pytest.mark.gpu
 def test_operands_on_different_devices():
     hidden, weight, labels = torch.randn(2, 3, 8, device="cuda"), torch.randn(10, 8), _long(2, 3).cuda()
@@ -671,52 +564,3 @@ def test_real_sizes_on_gpu(backend):
     torch.testing.assert_close(out[sample], expected, atol=5e-2, rtol=0)
     scale = expected_grad.abs().max().item()
     torch.testing.assert_close(hidden.grad[sample].float(), expected_grad, atol=2e-2 * scale, rtol=0)
-
-
-@pytest.mark.gpu
-def test_fused_real_sizes_on_gpu():
-    """Design (b) at a Llama-3 head, 8k tokens, bf16: design (a)'s log-probs and gradients
-    (within bf16 rounding: (a) rounds the logits to bf16, (b) keeps them in fp32), bitwise
-    reproducible, no [tokens, V] memory, and filtering at 2^-12 within its bound."""
-    tokens, hidden_size, vocab_size = 8192, 4096, 128256
-    hidden = (torch.randn(tokens, hidden_size, device="cuda") * 0.5).bfloat16().requires_grad_()
-    weight = (torch.randn(vocab_size, hidden_size, device="cuda") * 0.02).bfloat16().requires_grad_()
-    labels = make_labels((tokens,), vocab_size).cuda()
-    upstream = torch.randn(tokens, device="cuda")
-
-    def run(**options):
-        hidden.grad = weight.grad = None
-        out = dpo_fast.linear_token_logprobs(hidden, weight, labels, **options).logps
-        (out * upstream).sum().backward()
-        return out.detach(), hidden.grad, weight.grad
-
-    chunked = run(method="chunked")
-    hidden.grad = weight.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ours = run(method="fused")
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    # beyond the weight gradient (fp32 accumulator + bf16 result): O(tokens x H) only (the
-    # gathered rows, their fp32 and bf16 gradients, hidden's gradient: ~270 MiB), far below
-    # one bf16 [tokens, V] tensor (2 GiB)
-    assert extra - weight.numel() * 6 < tokens * vocab_size * 2 // 4
-    assert all(torch.equal(a, b) for a, b in zip(ours, run(method="fused"), strict=True))
-    torch.testing.assert_close(ours[0], chunked[0], atol=2e-2, rtol=0)
-    for name, a, b in zip(("hidden", "weight"), ours[1:], chunked[1:], strict=True):
-        scale = b.float().abs().max().item()
-        torch.testing.assert_close(
-            a.float(), b.float(), atol=2e-2 * scale, rtol=0, msg=lambda m, name=name: f"{name}: {m}"
-        )
-
-    eps = 2.0**-12
-    filtered = run(method="fused", grad_filter_eps=eps)
-    g = upstream.abs()
-    bounds = (
-        eps * g[:, None] * weight.detach().float().abs().sum(0),
-        eps * (g[:, None] * hidden.detach().float().abs()).sum(0),
-    )
-    for a, b, bound in zip(filtered[1:], ours[1:], bounds, strict=True):
-        # plus one bf16 rounding of each result
-        assert ((a.float() - b.float()).abs() <= bound + 2.0**-7 * b.float().abs()).all()

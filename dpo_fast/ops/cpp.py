@@ -1,14 +1,13 @@
-"""The ``"cpp"`` backend: the C++ CPU kernels of ``csrc/``, compiled just in time.
+"""Building and loading the C++ CPU kernels of ``csrc/`` (the ``"cpp"`` backend).
 
-The first CPU call compiles ``csrc/logprobs_cpu.cpp`` and ``csrc/buffer_cache.cpp`` with
-``torch.utils.cpp_extension.load`` (about a minute, announced by a one-line log message)
-into a cache directory keyed by the sources, the flags and the torch version; later
-processes load the cached library directly.
-The library registers the custom operators ``torch.ops.dpo_fast.logprobs_forward_cpu``,
-``logprobs_backward_cpu`` and ``cached_empty_cpu`` (with fake implementations, so
-``torch.compile`` can trace them).
-Without a working compiler :func:`available` returns False after one warning, and
-``dpo_fast.registry`` falls back to the PyTorch backend.
+The first use compiles ``csrc/logprobs_cpu.cpp`` and ``csrc/buffer_cache.cpp`` with
+``torch.utils.cpp_extension.load`` (about 9 s on 2 cores, announced by a one-line log message)
+into a cache directory keyed by the sources, the flags and the torch version; later processes
+load the cached library directly. Loading registers the operators
+``torch.ops.dpo_fast.logprobs_forward_cpp`` / ``logprobs_backward_cpp`` (whose fakes and
+autograd ``dpo_fast.ops.logprobs`` adds) and ``cached_empty_cpu`` (whose fake is here).
+Without a working compiler :func:`load` raises, and ``dpo_fast.registry`` falls back to the
+PyTorch backend after one warning.
 
 The code is built for the instruction set PyTorch dispatches to on this machine
 (``torch.backends.cpu.get_cpu_capability()``): AVX512, AVX2 or portable code.
@@ -21,9 +20,7 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,8 +38,7 @@ _CAPABILITY_FLAGS = {
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "loaded": True, or "error": the reason the build failed
+_loaded = False
 
 
 def _source_dir() -> Path:
@@ -71,7 +67,15 @@ def _build_directory(name: str) -> Path:
     return Path(root) / name
 
 
-def _load() -> None:
+def load() -> None:
+    """Build (first use only) and load the library; a no-op once loaded in this process.
+
+    Raises:
+        RuntimeError / OSError / subprocess errors: no compiler, or the build or load failed.
+    """
+    global _loaded
+    if _loaded:
+        return
     from torch.utils import cpp_extension
 
     sources = [_source_dir() / name for name in _SOURCES]
@@ -105,98 +109,20 @@ def _load() -> None:
         )
         logger.info("dpo_fast: C++ CPU kernels compiled in %.1f s", time.perf_counter() - start)
     _register_fakes()
+    _loaded = True
 
 
 def _register_fakes() -> None:
-    """Shape-only implementations, so ``torch.compile`` and meta tensors can trace the ops."""
-
-    @torch.library.register_fake("dpo_fast::logprobs_forward_cpu")
-    def _forward_fake(x, labels, ignore_index, scale, softcap, stats):
-        values = [
-            labels.new_empty(labels.shape, dtype=torch.bool if s == "is_top1" else torch.float32)
-            for s in stats
-        ]
-        return (
-            labels.new_empty(labels.shape, dtype=torch.float32),
-            labels.new_empty(labels.shape, dtype=torch.float32),
-            values,
-        )
-
-    @torch.library.register_fake("dpo_fast::logprobs_backward_cpu")
-    def _backward_fake(grad_logp, x, labels, logp, lse, grad_x, ignore_index, scale, softcap):
-        return None
+    """The buffer cache's fake, so ``torch.compile`` and fake tensors can trace it."""
 
     @torch.library.register_fake("dpo_fast::cached_empty_cpu")
     def _cached_empty_fake(size, dtype):
         return torch.empty(size, dtype=dtype)
 
 
-def available() -> bool:
-    """True when the C++ kernels are loaded, compiling them on the first call if needed.
-
-    A failed build warns once (``RuntimeWarning``) and is not retried in this process.
-    """
-    with _lock:
-        if not _state:
-            try:
-                _load()
-                _state["loaded"] = True
-            except Exception as error:  # any build or load failure means: use the torch backend
-                last_line = (str(error).strip().splitlines() or [""])[-1]
-                _state["error"] = f"{type(error).__name__}: {last_line}"
-                warnings.warn(
-                    "dpo_fast: the C++ CPU kernels could not be built or loaded "
-                    f"({_state['error']}); using the PyTorch backend instead",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return "loaded" in _state
-
-
-def logprobs_forward(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int,
-    scale: float,
-    softcap: float | None,
-    stats: tuple[str, ...] = (),
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward over CPU logits ``x`` ``(B, T, V)`` (fp32/bf16/fp16, any strides).
-
-    Args:
-        labels: ``(B, T)`` contiguous int64.
-    Returns:
-        ``logp`` and ``lse`` ``(B, T)`` fp32, and the requested statistics ``(B, T)``
-        (``is_top1`` bool, others fp32).
-    """
-    _require()
-    logp, lse, values = torch.ops.dpo_fast.logprobs_forward_cpu(
-        x, labels, ignore_index, scale, softcap, list(stats)
-    )
-    return logp, lse, dict(zip(stats, values, strict=True))
-
-
-def logprobs_backward(
-    grad_logp: torch.Tensor,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    logp: torch.Tensor,
-    lse: torch.Tensor,
-    grad_x: torch.Tensor,
-    *,
-    ignore_index: int,
-    scale: float,
-    softcap: float | None,
-) -> None:
-    """Write every element of ``grad_x`` ``(B, T, V)`` (which may alias ``x``).
-
-    ``grad_logp``, ``logp`` and ``lse`` are ``(B, T)`` contiguous fp32 (as forward returns them).
-    """
-    _require()
-    torch.ops.dpo_fast.logprobs_backward_cpu(
-        grad_logp, x, labels, logp, lse, grad_x, ignore_index, scale, softcap
-    )
+def loaded() -> bool:
+    """True once :func:`load` has succeeded in this process."""
+    return _loaded
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -207,7 +133,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     Set ``DPO_FAST_CPU_BUFFER_CACHE=0`` to allocate with ``torch.empty`` instead;
     :func:`empty_cache` returns the idle blocks to the system.
     """
-    _require()
+    load()
     if os.environ.get("DPO_FAST_CPU_BUFFER_CACHE", "1") == "0":
         return torch.empty(shape, dtype=dtype)
     return torch.ops.dpo_fast.cached_empty_cpu(list(shape), dtype)
@@ -215,10 +141,5 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
 
 def empty_cache() -> None:
     """Free the idle blocks :func:`empty` keeps (at most two). A no-op if the kernels never loaded."""
-    if "loaded" in _state:
+    if _loaded:
         torch.ops.dpo_fast.empty_cache_cpu()
-
-
-def _require() -> None:
-    if not available():
-        raise RuntimeError(f"dpo_fast's C++ CPU kernels are unavailable: {_state['error']}")

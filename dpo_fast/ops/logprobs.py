@@ -1,7 +1,26 @@
-"""The ``"torch"`` backend: the reference math applied to bounded chunks of rows.
+"""The ``logprobs`` op: per-token label log-probs from logits, one operator pair per backend.
 
-It never holds more than one chunk of softmax (``CHUNK_ELEMENTS`` fp32 values) at once,
-whatever the number of tokens. Same calling convention as ``dpo_fast.kernels.logprobs``.
+Every backend registers the same two operators (``<b>`` is ``triton``, ``cpp`` or ``torch``)::
+
+    dpo_fast::logprobs_forward_<b>(Tensor logits, Tensor labels, int ignore_index, float scale,
+        float? softcap, int stats, bool inplace_backward) -> (Tensor logp, Tensor lse, Tensor[] stats)
+    dpo_fast::logprobs_backward_<b>(Tensor grad_logp, Tensor logits, Tensor labels, Tensor logp,
+        Tensor lse, Tensor(a!) grad_logits, int ignore_index, float scale, float? softcap) -> ()
+
+``logits`` is ``(B, T, V)`` with any strides and ``labels`` ``(B, T')``, ``T' <= T``: position
+``t`` of ``labels`` is scored by ``logits[:, t]`` (a causal shift is ``T' = T - 1``, read in
+place). Forward returns fp32 ``(B, T')`` log-probs (0 where ``labels == ignore_index``), the
+log-sum-exp kept for backward, and the statistics of the ``stats`` bit mask
+(``dpo_fast.ops.library.stat_mask``). Backward writes every element of ``grad_logits``
+(zeros on rows ``t >= T'``), which may be ``logits`` itself. The logits the softmax sees are
+``z = softcap(scale * logits)`` (``dpo_fast.formulas``).
+
+Implementations: ``kernels/logprobs.py`` (Triton), ``csrc/logprobs_cpu.cpp`` (C++, loaded by
+``dpo_fast.ops.cpp``) and, here, the PyTorch backend, which applies ``dpo_fast.formulas``'
+row functions to bounded chunks of rows (never more than ``CHUNK_ELEMENTS`` of softmax alive).
+This module also holds the fakes and the autograd formula the three share: backward writes
+the gradient straight into a fresh ``(B, T, V)`` buffer, or into the logits' own storage with
+``inplace_backward`` (one ``[tokens, V]`` buffer per step instead of two).
 """
 
 from __future__ import annotations
@@ -10,83 +29,77 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import registry
 from ..formulas import rows_backward, rows_forward
+from . import cpp
+from .library import custom_op, stat_fakes, stat_names, triton_op
 
-# Elements of [rows, V] fp32 softmax alive per chunk (4 MiB).
+# Elements of [rows, V] fp32 softmax alive per chunk of the PyTorch backend (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _merge_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """View each ``(B, T, V)`` as ``(1, B*T, V)`` when all their strides allow it (no copy).
-
-    Fewer, longer chunks: without the merge a shifted batch is walked one sequence at a time.
-    """
-    B, T, V = tensors[0].shape
-    if B == 1 or any(t.stride(0) != T * t.stride(1) for t in tensors):
-        return tensors
-    return tuple(t.as_strided((1, B * T, V), (0, t.stride(1), t.stride(2))) for t in tensors)
+# ----------------------------------------------------------------------------------------------
+# The PyTorch backend.
+# ----------------------------------------------------------------------------------------------
 
 
-def _chunks(x: torch.Tensor) -> Iterator[tuple[int, slice]]:
-    B, T, V = x.shape
+def _chunks(B: int, T: int, V: int) -> Iterator[tuple[int, slice]]:
     rows = max(1, CHUNK_ELEMENTS // max(V, 1))
     for b in range(B):
         for start in range(0, T, rows):
             yield b, slice(start, min(start + rows, T))
 
 
-def logprobs_forward(
-    x: torch.Tensor,
+def torch_forward(
+    logits: torch.Tensor,
     labels: torch.Tensor,
-    *,
     ignore_index: int,
     scale: float,
     softcap: float | None,
-    stats: tuple[str, ...] = (),
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward over ``x`` ``(B, T, V)`` and ``labels`` ``(B, T)``; returns fp32 ``(B, T)`` results."""
-    shape = labels.shape
-    (x,) = _merge_rows(x)
-    labels = labels.reshape(x.shape[:2])
-    logp = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
+    stats: int,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``dpo_fast::logprobs_forward_torch`` (see the module docstring)."""
+    del inplace_backward  # read by the autograd formula
+    B, T = labels.shape
+    names = stat_names(stats)
+    logp = torch.empty((B, T), device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
-    out = {
-        name: torch.empty(
-            x.shape[:2], device=x.device, dtype=torch.bool if name == "is_top1" else torch.float32
-        )
-        for name in stats
-    }
-    for b, rows in _chunks(x):
+    out = stat_fakes(logp, stats)
+    for b, rows in _chunks(B, T, logits.shape[2]):
         chunk_logp, chunk_lse, chunk_stats = rows_forward(
-            x[b, rows], labels[b, rows], ignore_index=ignore_index, scale=scale, softcap=softcap, stats=stats
+            logits[b, rows],
+            labels[b, rows],
+            ignore_index=ignore_index,
+            scale=scale,
+            softcap=softcap,
+            stats=names,
         )
         logp[b, rows] = chunk_logp
         lse[b, rows] = chunk_lse
-        for name, value in chunk_stats.items():
-            out[name][b, rows] = value
-    return logp.view(shape), lse.view(shape), {name: value.view(shape) for name, value in out.items()}
+        for value, name in zip(out, names, strict=True):
+            value[b, rows] = chunk_stats[name]
+    return logp, lse, out
 
 
-def logprobs_backward(
+def torch_backward(
     grad_logp: torch.Tensor,
-    x: torch.Tensor,
+    logits: torch.Tensor,
     labels: torch.Tensor,
     logp: torch.Tensor,
     lse: torch.Tensor,
-    grad_x: torch.Tensor,
-    *,
+    grad_logits: torch.Tensor,
     ignore_index: int,
     scale: float,
     softcap: float | None,
 ) -> None:
-    """Write the logits gradient into ``grad_x`` ``(B, T, V)`` (which may alias ``x``)."""
-    x, grad_x = _merge_rows(x, grad_x)
-    shape = x.shape[:2]
-    grad_logp, labels, logp, lse = (t.reshape(shape) for t in (grad_logp, labels, logp, lse))
-    for b, rows in _chunks(x):
-        grad_x[b, rows] = rows_backward(
+    """``dpo_fast::logprobs_backward_torch`` (see the module docstring)."""
+    B, T = labels.shape
+    grad_logits[:, T:].zero_()
+    for b, rows in _chunks(B, T, logits.shape[2]):
+        grad_logits[b, rows] = rows_backward(
             grad_logp[b, rows],
-            x[b, rows],
+            logits[b, rows],
             labels[b, rows],
             logp[b, rows],
             lse[b, rows],
@@ -94,3 +107,86 @@ def logprobs_backward(
             scale=scale,
             softcap=softcap,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fakes and autograd, shared by every backend.
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_fake(logits, labels, ignore_index, scale, softcap, stats, inplace_backward):
+    logp = labels.new_empty(labels.shape, dtype=torch.float32)
+    return logp, torch.empty_like(logp), stat_fakes(logp, stats)
+
+
+def _backward_fake(grad_logp, logits, labels, logp, lse, grad_logits, ignore_index, scale, softcap):
+    return None
+
+
+def new_buffer(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, backend: str
+) -> torch.Tensor:
+    """An uninitialized contiguous ``[tokens, V]`` buffer (a gradient or a logits tile).
+
+    With the C++ backend it comes from ``dpo_fast.ops.cpp``'s cache of freed blocks: a fresh
+    CPU buffer costs more in page faults than the kernel that fills it.
+    """
+    if backend == "cpp":
+        return cpp.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raise when autograd asks for a differentiable gradient (``create_graph=True``): the
+    backward operators compute the gradient, they do not differentiate it."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"dpo_fast's {op} op has no double backward: its gradient is computed by a kernel, not "
+            "by differentiable operations; call backward without create_graph=True"
+        )
+
+
+def _register_autograd(backend: str) -> None:
+    backward = registry.operator("logprobs", "backward", backend)
+
+    def setup_context(ctx, inputs, output):
+        logits, labels, ignore_index, scale, softcap, _, inplace = inputs
+        logp, lse, stat_values = output
+        ctx.save_for_backward(logits, labels, logp, lse)
+        ctx.options = (ignore_index, scale, softcap)
+        ctx.inplace = inplace
+        ctx.mark_non_differentiable(lse, *stat_values)
+
+    def backward_formula(ctx, grad_logp, grad_lse, grad_stats):
+        refuse_double_backward("logprobs")
+        logits, labels, logp, lse = ctx.saved_tensors
+        grad = logits if ctx.inplace else new_buffer(logits.shape, logits.dtype, logits.device, backend)
+        backward(grad_logp.contiguous(), logits, labels, logp, lse, grad, *ctx.options)
+        return grad, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        f"dpo_fast::logprobs_forward_{backend}", backward_formula, setup_context=setup_context
+    )
+
+
+def load(backend: str) -> None:
+    """Register the operators of ``backend`` (called once per process by ``dpo_fast.registry``)."""
+    if backend == "triton":
+        # imported on first use: Triton reads TRITON_INTERPRET when the kernels are defined
+        from ..kernels import logprobs as kernels
+
+        triton_op("logprobs_forward_triton", kernels.logprobs_forward, _forward_fake)
+        triton_op(
+            "logprobs_backward_triton",
+            kernels.logprobs_backward,
+            _backward_fake,
+            mutates_args=("grad_logits",),
+        )
+    elif backend == "cpp":
+        cpp.load()
+        torch.library.register_fake("dpo_fast::logprobs_forward_cpp", _forward_fake)
+        torch.library.register_fake("dpo_fast::logprobs_backward_cpp", _backward_fake)
+    else:
+        custom_op("logprobs_forward_torch", torch_forward, _forward_fake)
+        custom_op("logprobs_backward_torch", torch_backward, _backward_fake, mutates_args=("grad_logits",))
+    _register_autograd(backend)
