@@ -290,7 +290,10 @@ def _register_autograd(backend: str) -> None:
         grad_hidden, grad_weight, grad_bias = backward(
             grad_logp.contiguous(), hidden, weight, bias, labels, logp, lse, tile, *ctx.options, needs
         )
-        grads = [grad if need else None for grad, need in zip((grad_hidden, grad_weight, grad_bias), needs)]
+        grads = [
+            grad if need else None
+            for grad, need in zip((grad_hidden, grad_weight, grad_bias), needs, strict=True)
+        ]
         return (*grads, *([None] * 7))
 
     torch.library.register_autograd(
