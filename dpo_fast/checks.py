@@ -10,17 +10,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .constants import BLOCK_KEYS, LAYOUTS, STAT_NAMES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _skip_data_checks() -> bool:
-    # Data-dependent checks read a value on the host: not allowed while tracing or capturing.
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def data_checks_enabled(tensor: torch.Tensor) -> bool:
+    """Whether checks that read ``tensor``'s values on the host may run.
+
+    They run eagerly on real tensors only: not while ``torch.compile`` traces, not during CUDA
+    graph capture, and not on meta or fake tensors (which have no values), so every public
+    function traces and runs under ``FakeTensorMode`` unchanged.
+    """
+    if torch.compiler.is_compiling() or tensor.is_meta or is_fake(tensor):
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_float_tensor(name: str, tensor: object, min_dim: int) -> None:
@@ -55,7 +61,7 @@ def check_labels(
         )
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {source} is on {device}")
-    if labels.numel() == 0 or _skip_data_checks():
+    if labels.numel() == 0 or not data_checks_enabled(labels):
         return
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(out_of_range.any()):

@@ -104,6 +104,15 @@ def _unpack(values: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     return torch.zeros(scored.shape, device=values.device, dtype=values.dtype).masked_scatter(scored, values)
 
 
+def _tile_rows(labels: torch.Tensor, step: int) -> int:
+    """Rows of the logits tile buffer: a chunk, or fewer when the batch has fewer positions.
+
+    Sized by positions, not by scored tokens, so the buffer's shape never depends on the
+    labels' values (the fakes, the compiler and the memory estimator know it up front).
+    """
+    return min(labels.numel(), step)
+
+
 def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple:
     """Each tensor (or None) in the compute dtype (no copy when already in it)."""
     return tuple(t.to(dtype) if t is not None else None for t in tensors)
@@ -130,7 +139,7 @@ def _forward(backend: str):
         lse = torch.empty_like(logp)
         per_token = stat_fakes(logp, stats)
         step = chunk_rows(V, compute_dtype, hidden.device.type)
-        buffer = logprobs_op.new_buffer((min(n, step), V), compute_dtype, hidden.device, backend)
+        buffer = logprobs_op.new_buffer((_tile_rows(labels, step), V), compute_dtype, hidden.device, backend)
         with torch.autocast(hidden.device.type, enabled=False):
             rows, weight, bias = _cast(compute_dtype, rows, weight, bias)
             for start, end in _chunks(n, step):
@@ -184,7 +193,9 @@ def _backward(backend: str):
         # the forward's buffer still holds the last chunk's logits (not in a second backward)
         holds_last_tile = tile.shape[0] > 0
         if not holds_last_tile:
-            tile = logprobs_op.new_buffer((min(n, step), V), compute_dtype, hidden.device, backend)
+            tile = logprobs_op.new_buffer(
+                (_tile_rows(labels, step), V), compute_dtype, hidden.device, backend
+            )
         grad_rows = torch.empty(rows.shape, device=rows.device, dtype=compute_dtype) if need_rows else None
         grad_weight = (
             torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
@@ -235,11 +246,7 @@ def _forward_fake(
 ):
     logp = labels.new_empty(labels.shape, dtype=torch.float32)
     V = weight.shape[0]
-    rows = 0
-    if keep_tile:
-        # min(scored tokens, chunk): the number of scored tokens depends on the labels' values
-        scored = torch.library.get_ctx().new_dynamic_size()
-        rows = torch.sym_min(scored, chunk_rows(V, compute_dtype, hidden.device.type))
+    rows = _tile_rows(labels, chunk_rows(V, compute_dtype, hidden.device.type)) if keep_tile else 0
     tile = weight.new_empty((rows, V), dtype=compute_dtype)
     return logp, torch.empty_like(logp), stat_fakes(logp, stats), tile
 
