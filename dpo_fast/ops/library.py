@@ -56,3 +56,14 @@ def stat_fakes(like: torch.Tensor, mask: int) -> list[torch.Tensor]:
         like.new_empty(like.shape, dtype=torch.bool if name == "is_top1" else torch.float32)
         for name in stat_names(mask)
     ]
+
+
+def input_gradients(op_name: str, **grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """What an autograd formula of ``dpo_fast::<op_name>`` returns: one entry per argument of
+    the operator's schema, the named gradients in their places and None elsewhere."""
+    schema = getattr(torch.ops.dpo_fast, op_name).default._schema
+    names = [argument.name for argument in schema.arguments]
+    unknown = set(grads) - set(names)
+    if unknown:
+        raise KeyError(f"{op_name} has no arguments {sorted(unknown)}")
+    return tuple(grads.get(name) for name in names)

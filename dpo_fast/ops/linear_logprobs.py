@@ -40,7 +40,7 @@ import torch
 
 from .. import registry
 from . import logprobs as logprobs_op
-from .library import stat_fakes
+from .library import custom_op, input_gradients, stat_fakes
 
 # Upper bound on one (chunk, V) logits tile, in bytes; the only [*, V] buffer alive.
 # GPU: every chunk adds its product into the fp32 (V, H) weight-gradient accumulator, which
@@ -297,11 +297,12 @@ def _register_autograd(backend: str) -> None:
         grad_hidden, grad_weight, grad_bias = backward(
             grad_logp.contiguous(), hidden, weight, bias, labels, logp, lse, tile, *ctx.options, needs
         )
-        grads = [
-            grad if need else None
-            for grad, need in zip((grad_hidden, grad_weight, grad_bias), needs, strict=True)
-        ]
-        return (*grads, *([None] * 7))
+        return input_gradients(
+            f"linear_logprobs_forward_{backend}",
+            hidden=grad_hidden if needs[0] else None,
+            weight=grad_weight if needs[1] else None,
+            bias=grad_bias if needs[2] else None,
+        )
 
     torch.library.register_autograd(
         f"dpo_fast::linear_logprobs_forward_{backend}", backward_formula, setup_context=setup_context
@@ -312,8 +313,6 @@ def load(backend: str) -> None:
     """Register the operators of ``backend`` (called once per process by ``dpo_fast.registry``)."""
     if not registry.load("logprobs", backend):
         raise RuntimeError(f"the {backend} logprobs kernels, which fold the logits tiles, did not load")
-    from .library import custom_op
-
     custom_op(f"linear_logprobs_forward_{backend}", _forward(backend), _forward_fake)
     custom_op(
         f"linear_logprobs_backward_{backend}", _backward(backend), _backward_fake, mutates_args=("tile",)

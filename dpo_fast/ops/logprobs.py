@@ -32,7 +32,7 @@ import torch
 from .. import registry
 from ..formulas import rows_backward, rows_forward
 from . import cpp
-from .library import custom_op, stat_fakes, stat_names, triton_op
+from .library import custom_op, input_gradients, stat_fakes, stat_names, triton_op
 
 # Elements of [rows, V] fp32 softmax alive per chunk of the PyTorch backend (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
@@ -162,7 +162,7 @@ def _register_autograd(backend: str) -> None:
         logits, labels, logp, lse = ctx.saved_tensors
         grad = logits if ctx.inplace else new_buffer(logits.shape, logits.dtype, logits.device, backend)
         backward(grad_logp.contiguous(), logits, labels, logp, lse, grad, *ctx.options)
-        return grad, None, None, None, None, None, None
+        return input_gradients(f"logprobs_forward_{backend}", logits=grad)
 
     torch.library.register_autograd(
         f"dpo_fast::logprobs_forward_{backend}", backward_formula, setup_context=setup_context
