@@ -71,13 +71,13 @@ def kernel_calls(monkeypatch):
 def lowered(monkeypatch):
     """The layouts our head re-laid batches out to (proof that a layout path ran)."""
     layouts = []
-    lower = fast_trl.lower_batch
+    scored_rows = fast_trl.scored_rows
 
-    def recording(batch, layout, *args):
+    def recording(model, batch, layout, **kwargs):
         layouts.append(layout)
-        return lower(batch, layout, *args)
+        return scored_rows(model, batch, layout, **kwargs)
 
-    monkeypatch.setattr(fast_trl, "lower_batch", recording)
+    monkeypatch.setattr(fast_trl, "scored_rows", recording)
     return layouts
 
 

@@ -40,9 +40,8 @@ from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ..checks import check_layout
 from ..constants import STAT_NAMES
-from ..hf.check import self_check
-from ..hf.forward import lower_batch
-from ..hf.model import HeadTransform, find_backbone, find_head, run_backbone
+from ..hf.forward import scored_rows
+from ..hf.model import HeadTransform
 from ..linear_logprobs import linear_token_logprobs
 
 # The TRL releases whose fused-head protocol (signature, output fields, call sites) this module
@@ -223,11 +222,9 @@ def _relaid_rows(
         "attention_mask": attention_mask,
         "completion_mask": (labels != -100).long(),
     }
-    linear, _ = find_head(model)
-    backbone = find_backbone(model)
-    plan = lower_batch(batch, layout, model.config.get_text_config(), linear.weight.dtype)
-    self_check(model, backbone, linear, [HeadTransform(logit_scale, softcap)], plan)
-    rows = run_backbone(backbone, plan.inputs).index_select(0, plan.source)
+    # TRL's reading of the head transforms is the one to verify: the drop-in gives TRL's numbers
+    scored = scored_rows(model, batch, layout, transforms=[HeadTransform(logit_scale, softcap)])
+    rows = scored.rows
     mask = (labels[:, 1:] != -100) & (attention_mask[:, 1:] != 0)
     # the plan lists the scored tokens by sequence (= TRL's row), then position: mask's order
     if rows.shape[0] != int(mask.sum()):
@@ -235,7 +232,7 @@ def _relaid_rows(
             f"layout={layout!r}: {rows.shape[0]} scored tokens after re-laying the batch out, "
             f"{int(mask.sum())} in TRL's labels"
         )
-    return rows, plan.labels, mask
+    return rows, scored.plan.labels, mask
 
 
 def _score(
