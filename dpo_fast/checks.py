@@ -61,7 +61,7 @@ def check_labels(
         )
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {source} is on {device}")
-    if labels.numel() == 0 or not data_checks_enabled(labels):
+    if not data_checks_enabled(labels) or labels.numel() == 0:
         return
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(out_of_range.any()):
@@ -202,3 +202,11 @@ def _check_block_batch(batch: Mapping, layout: str) -> None:
         num_pairs = int(num_pairs)
     if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
         raise ValueError(f"batch['num_pairs'] must be a positive int (B), got {num_pairs!r}")
+    sequence_ids = batch["sequence_ids"]
+    if data_checks_enabled(sequence_ids) and sequence_ids.numel():
+        low, high = int(sequence_ids.min()), int(sequence_ids.max())
+        if low < -1 or high >= 2 * num_pairs:
+            raise ValueError(
+                f"batch['sequence_ids'] must be -1 (not a completion token) or in [0, 2 * num_pairs = "
+                f"{2 * num_pairs}), got values in [{low}, {high}]"
+            )

@@ -76,7 +76,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             Face's): it scores ``labels[:, t + 1]``.
         temperature, softcap, logit_scale: the logit transform, as
             :func:`dpo_fast.linear_sequence_logprobs`.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for both the head and the loss.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` for the head; the loss resolves
+            the same name among its own backends (``"cpp"`` there means ``"auto"``).
         compiled, chunk_size: Liger's; accepted so its users switch by changing one import,
             without effect (chunks are sized by memory, over tokens).
     """
@@ -204,7 +205,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             chosen_lengths=lengths[:P],
             rejected_lengths=lengths[P:],
             chosen_nll=self.alpha * nll if nll_inside else None,
-            backend=self.backend,
+            # the loss has no C++ backend: "cpp" picks the head's kernels only
+            backend="auto" if self.backend == "cpp" else self.backend,
             **self.loss_options,
         )
         loss = out.loss

@@ -20,13 +20,18 @@ def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: i
 
     Returns ``(..., num_segments)`` in ``values``' dtype (int64 for bool values: counts).
     Reduces with a one-hot mask and ``sum`` (no atomics), so results are bitwise
-    reproducible, and it is differentiable in ``values``.
+    reproducible, and it is differentiable in ``values``. Eagerly the one-hot is built for a
+    bounded number of segments at a time; a compiled graph takes all segments in one
+    reduction, which Inductor fuses without materializing the one-hot (and ``T`` may then be
+    data-dependent, e.g. the number of completion tokens).
     """
     if values.dtype == torch.bool:
         values = values.to(torch.int64)
     out_shape = (*values.shape[:-1], num_segments)
-    T = values.shape[-1]
-    step = max(1, _ONE_HOT_ELEMENTS // max(T, 1))
+    if torch.compiler.is_compiling():
+        step = max(num_segments, 1)
+    else:
+        step = max(1, _ONE_HOT_ELEMENTS // max(values.shape[-1], 1))
     parts = []
     for start in range(0, num_segments, step):
         ids = torch.arange(start, min(start + step, num_segments), device=values.device)

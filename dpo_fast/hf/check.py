@@ -10,13 +10,12 @@ at once. The probe is a rejected sequence when there is one: in ``prefix_shared`
 sequence the mask most constrains.
 
 Among several candidate transforms (``logits_scaling`` has two readings) it keeps the first
-that agrees; the result is cached per model (weakly) and layout.
+that agrees; the result is cached on the model, per layout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,9 @@ PROBE_TOKENS = 8
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 HALF_TOLERANCE = 5e-2
 
-_checked: weakref.WeakKeyDictionary[nn.Module, dict[str, HeadTransform]] = weakref.WeakKeyDictionary()
+# The confirmed transform per layout lives on the model itself ({layout: HeadTransform}): it goes
+# away with the model, and torch.compile guards on a module attribute like on any other.
+CHECKED_ATTRIBUTE = "_dpo_fast_checked_transforms"
 
 
 @contextlib.contextmanager
@@ -87,9 +88,18 @@ def self_check(
             class, the layout and the observed difference.
     """
     base = unwrap_model(model)
-    cache = _checked.setdefault(base, {})
+    cache = getattr(base, CHECKED_ATTRIBUTE, None)
+    if cache is None:
+        cache = {}
+        object.__setattr__(base, CHECKED_ATTRIBUTE, cache)  # not a submodule, parameter or buffer
     if plan.layout in cache:
         return cache[plan.layout]
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"the dpo_fast self-check of {type(base).__name__} for layout={plan.layout!r} compares logits on "
+            "the host and runs eagerly: call concatenated_forward once without torch.compile (it is cached "
+            "per model and layout), or pass check=False"
+        )
     if plan.source.numel() == 0:
         return transforms[0]  # nothing scored: nothing to compare yet
     with torch.no_grad(), _eval_mode(model):

@@ -150,7 +150,7 @@ def concatenated_forward(
         check: on the first call per model and layout, compare the fused head with the
             model's own ``forward(...).logits`` on a few positions and raise ``ValueError``
             when they disagree. False skips it.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the fused head.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` for the fused head.
 
     Returns:
         :class:`ConcatenatedOutput` (float32 log-probs, int64 token counts).

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..formulas import transform_logits
+
 _SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 _MULTIPLIER_FIELDS = ("logit_scale", "lm_head_multiplier")
 
@@ -57,10 +59,8 @@ class Head:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Materialized transformed logits ``(..., V)`` of a few hidden states (the self-check)."""
         weight, bias = self.projection()
-        z = nn.functional.linear(hidden.to(weight.dtype), weight, bias).float() * self.transform.logit_scale
-        if self.transform.softcap is not None:
-            z = self.transform.softcap * torch.tanh(z / self.transform.softcap)
-        return z
+        raw = nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        return transform_logits(raw, self.transform.logit_scale, self.transform.softcap)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

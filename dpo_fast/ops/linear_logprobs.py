@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import registry
 from . import logprobs as logprobs_op
@@ -110,7 +111,7 @@ def _tile_rows(labels: torch.Tensor, step: int) -> int:
     Sized by positions, not by scored tokens, so the buffer's shape never depends on the
     labels' values (the fakes, the compiler and the memory estimator know it up front).
     """
-    return min(labels.numel(), step)
+    return torch.sym_min(labels.numel(), step)
 
 
 def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple:
@@ -282,8 +283,9 @@ def _register_autograd(backend: str) -> None:
         ctx.save_for_backward(hidden, weight, bias, labels, logp, lse)
         ctx.options = (ignore_index, scale, softcap, compute_dtype)
         # the kept last tile is consumed (overwritten) by the first backward: an attribute, not a
-        # saved tensor, so a second backward (retain_graph=True) finds None and recomputes it
-        ctx.tile = tile if keep_tile else None
+        # saved tensor, so a second backward (retain_graph=True) finds None and recomputes it.
+        # Eager only: a traced graph (fake tensors) cannot carry a tensor outside its saved ones.
+        ctx.tile = tile if keep_tile and not is_fake(tile) else None
         ctx.mark_non_differentiable(lse, *stat_values, tile)
 
     def backward_formula(ctx, grad_logp, grad_lse, grad_stats, grad_tile):
