@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import registry
+from . import registry, tensor_parallel
 from .checks import check_labels, check_linear_head, check_stats, check_transform
 from .logprobs import SequenceLogprobs, TokenLogprobs
 from .ops.library import stat_mask, stat_names
@@ -52,7 +52,9 @@ def linear_token_logprobs(
 
     Args:
         hidden: ``(..., T, H)`` float16/bfloat16/float32, any strides (e.g. ``h[:, :-1]``).
-        weight: ``(V, H)`` the lm_head weight (may be tied to the input embeddings).
+        weight: ``(V, H)`` the lm_head weight (may be tied to the input embeddings), or a
+            ``DTensor`` replicated or sharded over the vocabulary (tensor parallelism: see
+            ``dpo_fast.tensor_parallel``).
         labels: ``(..., T)`` integer; ``ignore_index`` marks positions that are not scored.
             Unscored positions cost nothing: their hidden rows never reach the matmul.
         bias: optional ``(V,)``.
@@ -69,6 +71,12 @@ def linear_token_logprobs(
         :class:`dpo_fast.TokenLogprobs` ``(logps, stats)``: float32 ``(..., T)``
         (``(..., T - 1)`` with ``shift``), 0.0 at ignored positions, and the statistics.
     """
+    if tensor_parallel.is_dtensor(hidden, weight, bias):  # before any op: ops take plain tensors
+        return tensor_parallel.linear_token_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift,
+            temperature=temperature, softcap=softcap, logit_scale=logit_scale, stats=stats,
+            backend=backend,
+        )  # fmt: skip
     check_linear_head(hidden, weight, bias)
     vocab_size, hidden_size = weight.shape
     check_labels(labels, tuple(hidden.shape[:-1]), vocab_size, ignore_index, hidden.device, source="hidden")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .model import Head, HeadTransform, run_backbone, unwrap_model
+from .wrappers import call_head, in_root_forward, is_wrapped
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -55,7 +56,8 @@ def _probe(plan: Plan) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Ten
     tokens the flat hidden row of our path and the position in the model's own logits."""
     num_pairs = plan.num_pairs
     present = plan.sequence.unique().tolist()
-    s = next((s for s in present if s >= num_pairs), present[0])
+    # nothing scored (possible on one rank of a wrapped model): sequence 0, no positions
+    s = next((s for s in present if s >= num_pairs), present[0] if present else 0)
     entries = (plan.sequence == s).nonzero().squeeze(1)[-PROBE_TOKENS:]
     source = plan.source[entries]
     batch = plan.batch
@@ -67,7 +69,8 @@ def _probe(plan: Plan) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Ten
             if key in batch
         }
         return inputs, source, source - s * T
-    row, col = (batch["sequence_ids"] == s).nonzero()[0].tolist()
+    found = (batch["sequence_ids"] == s).nonzero()
+    row, col = found[0].tolist() if len(found) else (0, 0)
     doc, branch = batch["doc_ids"][row], batch["branch_ids"][row]
     keep = (doc == doc[col]) & ((branch == 0) | (branch == branch[col]))
     # block positions are the positions each token has in its own sequence
@@ -100,15 +103,25 @@ def self_check(
             "the host and runs eagerly: call concatenated_forward once without torch.compile (it is cached "
             "per model and layout), or pass check=False"
         )
-    if plan.source.numel() == 0:
+    if plan.source.numel() == 0 and not is_wrapped(model):
         return transforms[0]  # nothing scored: nothing to compare yet
     with torch.no_grad(), _eval_mode(model):
         inputs, source, positions = _probe(plan)
-        hidden = run_backbone(backbone, plan.inputs).index_select(0, source)
+
+        def our_path() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+            hidden = run_backbone(backbone, plan.inputs).index_select(0, source)
+            logits = call_head(linear, lambda h: [Head(linear, t).logits(h) for t in transforms], hidden)
+            return {"hidden": hidden, "logits": logits}
+
+        # both through the wrappers (DDP, FSDP2): every rank makes the same collective calls
         reference = model(**inputs, use_cache=False).logits[0, positions].float()
-        candidates = [(t, Head(linear.weight, linear.bias, t).logits(hidden)) for t in transforms]
-    autocast = torch.is_autocast_enabled(hidden.device.type)
-    tolerance = HALF_TOLERANCE if autocast else TOLERANCE.get(hidden.dtype, HALF_TOLERANCE)
+        computed = in_root_forward(model, our_path)
+    if source.numel() == 0:
+        return transforms[0]  # a wrapped model with nothing scored on this rank: nothing to compare
+    candidates = list(zip(transforms, computed["logits"], strict=True))
+    dtype = computed["hidden"].dtype
+    autocast = torch.is_autocast_enabled(reference.device.type)
+    tolerance = HALF_TOLERANCE if autocast else TOLERANCE.get(dtype, HALF_TOLERANCE)
     scale = max(1.0, float(reference.abs().max()))
     errors = []
     for transform, ours in candidates:

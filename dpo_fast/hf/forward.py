@@ -1,11 +1,12 @@
 """``concatenated_forward``: chosen and rejected log-probs of a preference batch in one forward.
 
 Data flow: the batch is *lowered* to a :class:`~dpo_fast.hf.plan.Plan` (backbone inputs +
-which hidden row predicts which completion token of which sequence) -> :func:`scored_rows`
-runs the backbone and gathers the predicting rows (``(N, H)``, N = completion tokens, so prompt and padding
-never reach the head) -> ``dpo_fast.linear_sequence_logprobs`` projects them through the
-lm_head tile by tile and sums per sequence with ``segment_ids``. No ``[tokens, vocab]``
-tensor exists.
+which hidden row predicts which completion token of which sequence) and the model's parts
+are found and self-checked (:func:`scored_rows`) -> inside the model's forward (through DDP /
+FSDP2, ``dpo_fast.hf.wrappers``) :meth:`ScoredRows.rows` runs the backbone and gathers the
+predicting rows (``(N, H)``, N = completion tokens, so prompt and padding never reach the
+head) -> ``dpo_fast.linear_sequence_logprobs`` projects them through the lm_head tile by tile
+and sums per sequence with ``segment_ids``. No ``[tokens, vocab]`` tensor exists.
 
 In ``prefix_shared`` the last prompt token predicts both completions' first tokens: its
 hidden row is gathered twice.
@@ -25,6 +26,7 @@ from ..linear_logprobs import linear_sequence_logprobs
 from .check import self_check
 from .model import Head, HeadTransform, find_backbone, find_head, run_backbone, text_config, unwrap_model
 from .plan import Plan, lower_batch
+from .wrappers import call_head, in_root_forward, refuse_unsupported
 
 
 @dataclass
@@ -51,18 +53,23 @@ class ConcatenatedOutput:
 
 @dataclass
 class ScoredRows:
-    """The hidden states that predict a batch's completion tokens, ready for the head.
+    """A lowered batch and the model parts that score it.
 
     Attributes:
-        rows: ``(N, H)`` one row per completion token, in ``plan`` order (by sequence, then
-            position); the rows of the last prompt token appear twice in ``prefix_shared``.
         plan: the lowered batch (``plan.labels`` ``(N,)``, ``plan.sequence`` ``(N,)``).
+        backbone: the module returning the final hidden states.
         head: the output projection and the logit transform that the self-check confirmed.
     """
 
-    rows: torch.Tensor
     plan: Plan
+    backbone: nn.Module
     head: Head
+
+    def rows(self) -> torch.Tensor:
+        """``(N, H)`` the hidden states predicting the completion tokens, in ``plan`` order (by
+        sequence, then position); the last prompt token's row appears twice in ``prefix_shared``.
+        Runs the backbone: inside the model's forward (``in_root_forward``) when it is wrapped."""
+        return run_backbone(self.backbone, self.plan.inputs).index_select(0, self.plan.source)
 
 
 def scored_rows(
@@ -73,13 +80,14 @@ def scored_rows(
     transforms: Sequence[HeadTransform] | None = None,
     check: bool = True,
 ) -> ScoredRows:
-    """Lower ``batch`` for ``layout``, run ``model``'s backbone and gather the predicting rows.
+    """Lower ``batch`` for ``layout`` and find (and self-check) ``model``'s backbone and head.
 
     The one path from a batch to hidden rows, shared by :func:`concatenated_forward` and the
-    TRL integration.
+    TRL integration. Call it outside the model's forward (the self-check calls the model),
+    then :meth:`ScoredRows.rows` inside.
 
     Args:
-        model: a transformers causal LM, or a PEFT wrapper of one.
+        model: a transformers causal LM, or a PEFT, DDP or FSDP2 wrapper of one.
         batch, layout: as :func:`concatenated_forward`.
         transforms: candidate logit transforms (default: read from the config, see
             ``dpo_fast.hf.model.head_transforms``); the self-check keeps the first that
@@ -92,8 +100,7 @@ def scored_rows(
     candidates = list(transforms) if transforms is not None else found
     plan = lower_batch(batch, layout, text_config(base), linear.weight.dtype)
     transform = self_check(model, backbone, linear, candidates, plan) if check else candidates[0]
-    rows = run_backbone(backbone, plan.inputs).index_select(0, plan.source)
-    return ScoredRows(rows, plan, Head(linear.weight, linear.bias, transform))
+    return ScoredRows(plan, backbone, Head(linear, transform))
 
 
 def _head_inputs(rows: torch.Tensor, head: Head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -136,7 +143,9 @@ def concatenated_forward(
     Args:
         model: a transformers ``*ForCausalLM`` (or a PEFT wrapper of one) with a linear
             output embedding. Its head transforms (soft-capping, logit scaling) are read
-            from its config (see ``dpo_fast.hf.model``).
+            from its config (see ``dpo_fast.hf.model``). Under DDP or FSDP2 pass the wrapped
+            model (the ``DistributedDataParallel`` wrapper, the ``fully_shard`` root): the
+            computation runs as its forward, so gradients are reduced as for ``model(...)``.
         batch: for ``"padded"``, TRL's collated format: ``input_ids`` ``[2B, T]`` (B chosen
             rows then B rejected rows), ``attention_mask`` and ``completion_mask`` (1 on
             completion tokens), optionally ``position_ids``. For ``"packed"`` and
@@ -159,27 +168,35 @@ def concatenated_forward(
         ValueError / TypeError: unknown layout, malformed batch (odd number of rows, mask of
         the wrong shape), a model without a linear output embedding, prefix-sharing rows whose
         prompts differ, or a failed self-check.
+        NotImplementedError: a model under DeepSpeed ZeRO-3 or FSDP1 (use FSDP2).
     """
     layout = check_layout(layout)
     stats = check_stats(stats)
+    refuse_unsupported(model)
     context = torch.no_grad() if not grad else contextlib.nullcontext()
     with context:
         scored = scored_rows(model, batch, layout, check=check)
-        plan, transform = scored.plan, scored.head.transform
-        rows, weight, bias = _head_inputs(scored.rows, scored.head)
-        logps, counts, stat_dict = linear_sequence_logprobs(
-            rows.unsqueeze(0),
-            weight,
-            plan.labels.unsqueeze(0),
-            bias=bias,
-            logit_scale=transform.logit_scale,
-            softcap=transform.softcap,
-            segment_ids=plan.sequence.unsqueeze(0),
-            num_segments=2 * plan.num_pairs,
-            stats=stats,
-            backend=backend,
-        )
-    logps, counts = logps[0], counts[0]
+        plan, head = scored.plan, scored.head
+
+        def fused_head(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            rows, weight, bias = _head_inputs(rows, head)
+            logps, counts, stat_dict = linear_sequence_logprobs(
+                rows.unsqueeze(0),
+                weight,
+                plan.labels.unsqueeze(0),
+                bias=bias,
+                logit_scale=head.transform.logit_scale,
+                softcap=head.transform.softcap,
+                segment_ids=plan.sequence.unsqueeze(0),
+                num_segments=2 * plan.num_pairs,
+                stats=stats,
+                backend=backend,
+            )
+            return {"logps": logps[0], "counts": counts[0], **stat_dict}
+
+        # through DDP's / FSDP2's forward (and the head's own FSDP2 unit): see dpo_fast.hf.wrappers
+        outputs = in_root_forward(model, lambda: call_head(head.linear, fused_head, scored.rows()))
+    logps, counts, stat_dict = outputs.pop("logps"), outputs.pop("counts"), outputs
     output = ConcatenatedOutput(
         logps[: plan.num_pairs], logps[plan.num_pairs :], counts[: plan.num_pairs], counts[plan.num_pairs :]
     )

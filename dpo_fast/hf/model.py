@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..formulas import transform_logits
+from .wrappers import unwrap_ddp
 
 _SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 _MULTIPLIER_FIELDS = ("logit_scale", "lm_head_multiplier")
@@ -43,18 +44,22 @@ class HeadTransform:
 
 @dataclass(frozen=True)
 class Head:
-    """The output projection of a causal LM: ``weight`` ``(V, H)``, optional ``bias`` ``(V,)``."""
+    """The output projection of a causal LM, ``linear`` (weight ``(V, H)``, optional bias ``(V,)``),
+    and the transform its logits get.
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    The parameters are read from ``linear`` when used, not when the head is found: an FSDP2
+    unit holds them gathered only inside its forward (``dpo_fast.hf.wrappers.call_head``).
+    """
+
+    linear: nn.Linear
     transform: HeadTransform
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``weight`` and ``bias`` cut to the vocabulary the logits keep (views: gradients flow)."""
-        size = self.transform.vocab_size
+        weight, bias, size = self.linear.weight, self.linear.bias, self.transform.vocab_size
         if size is None:
-            return self.weight, self.bias
-        return self.weight[:size], None if self.bias is None else self.bias[:size]
+            return weight, bias
+        return weight[:size], None if bias is None else bias[:size]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Materialized transformed logits ``(..., V)`` of a few hidden states (the self-check)."""
@@ -64,12 +69,14 @@ class Head:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (adapters stay active in its layers).
+    """The transformers model inside a ``DistributedDataParallel`` and / or PEFT wrapper
+    (adapters stay active in its layers). Wrappers are not called here: see ``dpo_fast.hf.wrappers``.
 
     Raises:
         ValueError: a prompt-learning PEFT adapter (prefix/prompt tuning), which changes the
             inputs rather than the layers; the backbone cannot be called without it.
     """
+    model = unwrap_ddp(model)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         config = getattr(model, "active_peft_config", None)
         if getattr(config, "is_prompt_learning", False):

@@ -35,13 +35,13 @@ import trl
 import trl.trainer.dpo_trainer as _dpo_module
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from torch.distributed.tensor import DTensor
-from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+from trl.trainer.utils import FusedCausalLMOutput
 
 from ..checks import check_layout
 from ..constants import STAT_NAMES
 from ..hf.forward import scored_rows
 from ..hf.model import HeadTransform
+from ..hf.wrappers import call_head, refuse_unsupported
 from ..linear_logprobs import linear_token_logprobs
 
 # The TRL releases whose fused-head protocol (signature, output fields, call sites) this module
@@ -150,15 +150,11 @@ def add_fused_lm_head(
         if not fused_lm_head:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
-        _refuse_zero3()
+        refuse_unsupported(self)
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards the head
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
         backbone_outputs = None
         if layout == "padded":
             # looked up on every call: PEFT and FSDP replace the backbone and head after patching
@@ -168,14 +164,28 @@ def add_fused_lm_head(
                 hidden, labels = hidden[:, :-1], labels[:, 1:]
             else:
                 labels = shift_labels
-            hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+            hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
             mask = labels != -100
         else:
             hidden, labels, mask = _relaid_rows(
                 self, layout, args, kwargs, labels, shift_labels, softcap, logit_scale
             )
-        per_token = _score(
-            hidden, weight, bias, labels, temperature, softcap, logit_scale, stats, cast_lm_head_to_fp32
+        # an lm_head that is its own FSDP2 unit holds its weight gathered only inside its forward,
+        # and reduce-scatters the gradient from its hooks: score through them
+        per_token = call_head(
+            head,
+            lambda rows: _score(
+                rows,
+                head.weight,
+                head.bias,
+                labels,
+                temperature,
+                softcap,
+                logit_scale,
+                stats,
+                cast_lm_head_to_fp32,
+            ),
+            hidden,
         )
         if layout != "padded":
             # masked_scatter keeps an all-ignored batch connected to the graph: a differentiable zero
@@ -224,7 +234,7 @@ def _relaid_rows(
     }
     # TRL's reading of the head transforms is the one to verify: the drop-in gives TRL's numbers
     scored = scored_rows(model, batch, layout, transforms=[HeadTransform(logit_scale, softcap)])
-    rows = scored.rows
+    rows = scored.rows()
     mask = (labels[:, 1:] != -100) & (attention_mask[:, 1:] != 0)
     # the plan lists the scored tokens by sequence (= TRL's row), then position: mask's order
     if rows.shape[0] != int(mask.sum()):
@@ -259,7 +269,7 @@ def _score(
         # TRL computes in the hidden states' dtype (some backbones return fp32 from a half model)
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
-    with no_autocast, maybe_gather_lm_head_ctx(weight, bias):
+    with no_autocast:
         log_probs, stat_values = linear_token_logprobs(
             hidden,
             weight,
@@ -273,16 +283,6 @@ def _score(
             stats=stats,
         )
     return {"log_probs": log_probs, **stat_values}
-
-
-def _refuse_zero3() -> None:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        # our backward reads the head weight after ZeRO-3 has re-partitioned it
-        raise NotImplementedError(
-            "dpo_fast's TRL head does not support DeepSpeed ZeRO-3; use FSDP2, ZeRO-2, or unpatch()"
-        )
 
 
 _trl_add_fused_lm_head = None  # TRL's function while patched
