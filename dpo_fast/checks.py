@@ -134,6 +134,20 @@ def check_linear_head(hidden: object, weight: object, bias: object) -> None:
         raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
+def check_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+    """The dtype the lm_head's matmuls run in: the autocast dtype when autocast is on; otherwise
+    ``hidden``, ``weight`` and ``bias`` must share one dtype, which is returned."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} must have hidden's dtype {hidden.dtype} (outside autocast), got {tensor.dtype}"
+            )
+    return hidden.dtype
+
+
 def check_layout(layout: object) -> str:
     """``layout`` is one of :data:`dpo_fast.constants.LAYOUTS`."""
     if layout not in LAYOUTS:

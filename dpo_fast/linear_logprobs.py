@@ -14,23 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from . import registry, tensor_parallel
-from .checks import check_labels, check_linear_head, check_stats, check_transform
+from .checks import check_compute_dtype, check_labels, check_linear_head, check_stats, check_transform
 from .logprobs import SequenceLogprobs, TokenLogprobs
 from .ops.library import stat_mask, stat_names
 from .segments import sequence_sums
-
-
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
-    """The autocast dtype when autocast is on; otherwise all operands must share one dtype."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} must have hidden's dtype {hidden.dtype} (outside autocast), got {tensor.dtype}"
-            )
-    return hidden.dtype
 
 
 def linear_token_logprobs(
@@ -82,7 +69,7 @@ def linear_token_logprobs(
     check_labels(labels, tuple(hidden.shape[:-1]), vocab_size, ignore_index, hidden.device, source="hidden")
     check_transform(temperature, softcap, logit_scale)
     stats = check_stats(stats)
-    compute_dtype = _compute_dtype(hidden, weight, bias)
+    compute_dtype = check_compute_dtype(hidden, weight, bias)
     backend = registry.resolve("linear_logprobs", backend, hidden.device.type)
     batch = math.prod(hidden.shape[:-2])
     # (B, T, H): a view unless the leading dims cannot merge; the shift is labels[:, 1:]

@@ -41,10 +41,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .checks import check_labels, check_linear_head, check_stats, check_transform
+from .checks import check_compute_dtype, check_labels, check_linear_head, check_stats, check_transform
 from .formulas import one_minus_exp, transform_derivative, transform_logits
 from .logprobs import TokenLogprobs
-from .ops.linear_logprobs import _accumulate_fp32, _chunks, _unpack, chunk_rows
+from .ops.linear_logprobs import accumulate_fp32, chunk_rows, token_chunks, unpack_scored
 
 
 def is_dtensor(*tensors: torch.Tensor | None) -> bool:
@@ -142,7 +142,6 @@ def linear_token_logprobs(
     is not used) and needs ``bias``, if any, sharded like ``weight``.
     """
     # imported here: the public module imports this one for its dispatch
-    from .linear_logprobs import _compute_dtype
     from .linear_logprobs import linear_token_logprobs as local_token_logprobs
 
     hidden, labels = _replicated_local("hidden", hidden), _replicated_local("labels", labels)
@@ -169,7 +168,7 @@ def linear_token_logprobs(
     stats = check_stats(stats)
     local_weight = weight.to_local()
     local_bias = None if bias is None else bias.to_local()
-    compute_dtype = _compute_dtype(hidden, local_weight, local_bias)
+    compute_dtype = check_compute_dtype(hidden, local_weight, local_bias)
     if shift:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
     scored = labels != ignore_index
@@ -183,7 +182,7 @@ def linear_token_logprobs(
     else:
         logp, _, stat_dict = _sharded_forward(*args)
     return TokenLogprobs(
-        _unpack(logp, scored), {name: _unpack(value, scored) for name, value in stat_dict.items()}
+        unpack_scored(logp, scored), {name: unpack_scored(value, scored) for name, value in stat_dict.items()}
     )
 
 
@@ -234,7 +233,7 @@ def _sharded_forward(rows, weight, bias, labels, compute_dtype, shard, options, 
         rows_c = rows.to(compute_dtype)
         weight_c = weight.to(compute_dtype)
         bias_c = None if bias is None else bias.to(compute_dtype)
-        for start, end in _chunks(n, chunk_rows(local_size, torch.float32, rows.device.type)):
+        for start, end in token_chunks(n, chunk_rows(local_size, torch.float32, rows.device.type)):
             z = transform_logits(_tile(rows_c[start:end], weight_c, bias_c).float(), scale, softcap)
             m = z.amax(-1)
             local_max[start:end] = m
@@ -310,7 +309,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             grad_rows = torch.empty(rows.shape, device=rows.device, dtype=dtype)
             grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
             grad_bias = torch.zeros(local_size, device=weight.device, dtype=torch.float32)
-            for start, end in _chunks(n, chunk_rows(local_size, torch.float32, rows.device.type)):
+            for start, end in token_chunks(n, chunk_rows(local_size, torch.float32, rows.device.type)):
                 x = _tile(rows_c[start:end], weight_c, bias_c).float()
                 z = transform_logits(x, scale, softcap)
                 g_c = g[start:end].unsqueeze(-1)
@@ -326,7 +325,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 if need_rows:
                     grad_rows[start:end] = grad @ weight_c
                 if need_weight:
-                    _accumulate_fp32(grad_weight, grad.t(), rows_c[start:end])
+                    accumulate_fp32(grad_weight, grad.t(), rows_c[start:end])
                 if need_bias:
                     grad_bias += grad.sum(0, dtype=torch.float32)
         if need_rows:

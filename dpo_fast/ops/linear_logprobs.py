@@ -67,7 +67,7 @@ def _mm_out_dtype_supported(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` for an fp32 ``acc`` without first rounding ``a @ b`` to bf16/fp16.
 
     The lm_head gradient sums one product per chunk; rounding each to the inputs' dtype
@@ -89,7 +89,7 @@ def _project(tile: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
         torch.addmm(bias, rows, weight.t(), out=tile)
 
 
-def _chunks(n: int, step: int) -> Iterator[tuple[int, int]]:
+def token_chunks(n: int, step: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, step):
         yield start, min(start + step, n)
 
@@ -100,7 +100,7 @@ def _scored(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     return scored, hidden[:, : labels.shape[1]][scored], labels[scored]
 
 
-def _unpack(values: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+def unpack_scored(values: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """``(n,)`` values of the scored positions laid out as ``scored.shape``, zeros elsewhere."""
     return torch.zeros(scored.shape, device=values.device, dtype=values.dtype).masked_scatter(scored, values)
 
@@ -143,7 +143,7 @@ def _forward(backend: str):
         buffer = logprobs_op.new_buffer((_tile_rows(labels, step), V), compute_dtype, hidden.device, backend)
         with torch.autocast(hidden.device.type, enabled=False):
             rows, weight, bias = _cast(compute_dtype, rows, weight, bias)
-            for start, end in _chunks(n, step):
+            for start, end in token_chunks(n, step):
                 tile = buffer[: end - start]
                 _project(tile, rows[start:end], weight, bias)
                 chunk_logp, chunk_lse, chunk_stats = fold(
@@ -159,7 +159,7 @@ def _forward(backend: str):
                 lse[start:end] = chunk_lse[0]
                 for out, value in zip(per_token, chunk_stats, strict=True):
                     out[start:end] = value[0]
-        logp, lse, *per_token = (_unpack(values, scored) for values in (logp, lse, *per_token))
+        logp, lse, *per_token = (unpack_scored(values, scored) for values in (logp, lse, *per_token))
         tile_out = buffer if keep_tile else buffer.new_empty((0, V))
         return logp, lse, per_token, tile_out
 
@@ -190,7 +190,7 @@ def _backward(backend: str):
         need_bias = need_bias and bias is not None
         n, V = rows.shape[0], weight.shape[0]
         step = chunk_rows(V, compute_dtype, hidden.device.type)
-        chunks = list(_chunks(n, step))
+        chunks = list(token_chunks(n, step))
         # the forward's buffer still holds the last chunk's logits (not in a second backward)
         holds_last_tile = tile.shape[0] > 0
         if not holds_last_tile:
@@ -225,7 +225,7 @@ def _backward(backend: str):
                 if grad_rows is not None:
                     torch.mm(chunk, weight_c, out=grad_rows[start:end])
                 if grad_weight is not None:
-                    _accumulate_fp32(grad_weight, chunk.t(), rows_c[start:end])
+                    accumulate_fp32(grad_weight, chunk.t(), rows_c[start:end])
                 if grad_bias is not None:
                     grad_bias += chunk.sum(0, dtype=torch.float32)
         # each unneeded gradient its own empty tensor: an operator's outputs may not alias
