@@ -31,7 +31,10 @@ from torch.library import wrap_triton
 
 from .tl_math import LN2, log1mexp, log1p, logsigmoid, neg_expm1
 
-# Bit i of LOSS_MASK switches loss type i on; params[i] is its weight.
+# Bit i of LOSS_MASK switches loss type i on; params[i] is its weight. The kernels test a type
+# as ``2**SIGMOID & LOSS_MASK``: compile-time arithmetic, written with the ``constexpr`` on the
+# left of every operator (under the interpreter the mask is a plain int, and ``constexpr`` has
+# no reflected bit operators), inline (each jitted call costs the interpreter milliseconds).
 KERNEL_LOSS_TYPES = (
     "sigmoid",
     "hinge",
@@ -132,21 +135,6 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _on(LOSS_MASK: tl.constexpr, BIT: tl.constexpr):
-    """Whether the loss type of bit ``BIT`` is in the mask (a compile-time bool).
-
-    Written with the ``constexpr`` on the left of every operator: under the interpreter the
-    mask is a plain int, and ``constexpr`` has no reflected bit operators.
-    """
-    return (2**BIT & LOSS_MASK) != 0
-
-
-@triton.jit
-def _weight(params_ptr, BIT: tl.constexpr):
-    return tl.load(params_ptr + BIT)
-
-
-@triton.jit
 def _load_pairs(x_ptr, offs, mask, P, LOSS_MASK: tl.constexpr, ROWS_PRESENT: tl.constexpr):
     """fp32 blocks of every row of ``inputs``; absent rows read as 0 (token counts as 1)."""
     zero = tl.zeros(offs.shape, tl.float32)
@@ -175,10 +163,10 @@ def _load_pairs(x_ptr, offs, mask, P, LOSS_MASK: tl.constexpr, ROWS_PRESENT: tl.
     if HAS_NLL & ROWS_PRESENT:
         row += P
         nll = tl.load(x_ptr + row, mask=mask, other=0.0)
-    if _on(LOSS_MASK, AOT):
+    if 2**AOT & LOSS_MASK:
         row += P
         aot = tl.load(x_ptr + row, mask=mask, other=0.0)
-    if _on(LOSS_MASK, AOT_UNPAIRED):
+    if 2**AOT_UNPAIRED & LOSS_MASK:
         row += P
         aot_unpaired = tl.load(x_ptr + row, mask=mask, other=0.0)
     return c, r, rc, rr, lc, lr, nll, aot, aot_unpaired
@@ -253,17 +241,17 @@ def _pair_terms(
     dz_total = zero
     z = beta * (sc - sr)
 
-    if _on(LOSS_MASK, SIGMOID):
-        w = _weight(params_ptr, SIGMOID)
+    if 2**SIGMOID & LOSS_MASK:
+        w = tl.load(params_ptr + SIGMOID)
         term, dz = _smoothed_logistic(z, eps)
         loss += w * term
         dz_total += w * dz
-    if _on(LOSS_MASK, HINGE):
-        w = _weight(params_ptr, HINGE)
+    if 2**HINGE & LOSS_MASK:
+        w = tl.load(params_ptr + HINGE)
         loss += w * tl.maximum(1.0 - z, 0.0)
         dz_total += w * tl.where(1.0 - z > 0.0, -1.0, 0.0)
-    if _on(LOSS_MASK, EXO_PAIR):
-        w = _weight(params_ptr, EXO_PAIR)
+    if 2**EXO_PAIR & LOSS_MASK:
+        w = tl.load(params_ptr + EXO_PAIR)
         # EXO's target distribution (1 - eps, eps), in log space
         log_pw = log1p(-eps)
         log_pl = tl.log(eps)
@@ -272,12 +260,12 @@ def _pair_terms(
         loss += w * (qw * (logsigmoid(z) - log_pw) + ql * (logsigmoid(-z) - log_pl))
         # d/dz [qw log(qw/pw) + ql log(ql/pl)] = qw ql (log qw - log ql - log pw + log pl)
         dz_total += w * qw * ql * (z - log_pw + log_pl)
-    if _on(LOSS_MASK, ROBUST):
-        w = _weight(params_ptr, ROBUST) / (1.0 - 2.0 * eps)
+    if 2**ROBUST & LOSS_MASK:
+        w = tl.load(params_ptr + ROBUST) / (1.0 - 2.0 * eps)
         loss += w * (-(1.0 - eps) * logsigmoid(z) + eps * logsigmoid(-z))
         dz_total += w * (-(1.0 - eps) * tl.sigmoid(-z) - eps * tl.sigmoid(z))
-    if _on(LOSS_MASK, DISCOPOP):
-        w = _weight(params_ptr, DISCOPOP)
+    if 2**DISCOPOP & LOSS_MASK:
+        w = tl.load(params_ptr + DISCOPOP)
         tau = tl.load(params_ptr + P_DISCOPOP_TAU)
         softplus = -logsigmoid(z)
         m = tl.sigmoid(z / tau)
@@ -292,59 +280,59 @@ def _pair_terms(
 
     # length-normalized scores, as TRL divides by the completion token counts
     d = sc / lc - sr / lr
-    if _on(LOSS_MASK, IPO):
-        w = _weight(params_ptr, IPO)
+    if 2**IPO & LOSS_MASK:
+        w = tl.load(params_ptr + IPO)
         q = d - 1.0 / (2.0 * beta)
         loss += w * q * q
         gc += w * 2.0 * q * dsc / lc
         gr -= w * 2.0 * q * dsr / lr
-    if _on(LOSS_MASK, SIGMOID_NORM):
-        w = _weight(params_ptr, SIGMOID_NORM)
+    if 2**SIGMOID_NORM & LOSS_MASK:
+        w = tl.load(params_ptr + SIGMOID_NORM)
         loss += w * -logsigmoid(beta * d)
         dd = w * -beta * tl.sigmoid(-beta * d)
         gc += dd * dsc / lc
         gr -= dd * dsr / lr
-    if _on(LOSS_MASK, NCA_PAIR):
-        w = _weight(params_ptr, NCA_PAIR)
+    if 2**NCA_PAIR & LOSS_MASK:
+        w = tl.load(params_ptr + NCA_PAIR)
         a = beta * xc
         b = beta * xr
         loss += w * (-logsigmoid(a) - 0.5 * logsigmoid(-a) - 0.5 * logsigmoid(-b))
         gc += w * beta * (0.5 * tl.sigmoid(a) - tl.sigmoid(-a))
         gr += w * beta * 0.5 * tl.sigmoid(b)
-    if _on(LOSS_MASK, BCO_PAIR):
-        w = _weight(params_ptr, BCO_PAIR)
+    if 2**BCO_PAIR & LOSS_MASK:
+        w = tl.load(params_ptr + BCO_PAIR)
         delta = tl.load(params_ptr + P_BCO_DELTA)
         a = beta * xc - delta
         b = beta * xr - delta
         loss += w * (-logsigmoid(a) - logsigmoid(-b))
         gc -= w * beta * tl.sigmoid(-a)
         gr += w * beta * tl.sigmoid(b)
-    if _on(LOSS_MASK, SPPO_HARD):
-        w = _weight(params_ptr, SPPO_HARD)
+    if 2**SPPO_HARD & LOSS_MASK:
+        w = tl.load(params_ptr + SPPO_HARD)
         a = xc - 0.5 / beta
         b = xr + 0.5 / beta
         loss += w * (a * a + b * b)
         gc += w * 2.0 * a
         gr += w * 2.0 * b
-    if _on(LOSS_MASK, AOT):
-        w = _weight(params_ptr, AOT)
+    if 2**AOT & LOSS_MASK:
+        w = tl.load(params_ptr + AOT)
         term, dz = _smoothed_logistic(beta * aot, eps)
         loss += w * term
         ga += w * beta * dz
-    if _on(LOSS_MASK, AOT_UNPAIRED):
-        w = _weight(params_ptr, AOT_UNPAIRED)
+    if 2**AOT_UNPAIRED & LOSS_MASK:
+        w = tl.load(params_ptr + AOT_UNPAIRED)
         term, dz = _smoothed_logistic(beta * aot_unpaired, eps)
         loss += w * term
         gu += w * beta * dz
-    if _on(LOSS_MASK, APO_ZERO):
-        w = _weight(params_ptr, APO_ZERO)
+    if 2**APO_ZERO & LOSS_MASK:
+        w = tl.load(params_ptr + APO_ZERO)
         sa = tl.sigmoid(beta * xc)
         sb = tl.sigmoid(beta * xr)
         loss += w * (1.0 - sa + sb)
         gc -= w * beta * sa * tl.sigmoid(-beta * xc)
         gr += w * beta * sb * tl.sigmoid(-beta * xr)
-    if _on(LOSS_MASK, APO_DOWN):
-        w = _weight(params_ptr, APO_DOWN)
+    if 2**APO_DOWN & LOSS_MASK:
+        w = tl.load(params_ptr + APO_DOWN)
         u = beta * (xc - xr)
         sa = tl.sigmoid(beta * xc)
         su = tl.sigmoid(u)
@@ -352,13 +340,13 @@ def _pair_terms(
         loss += w * (sa + 1.0 - su)
         gc += w * (beta * sa * tl.sigmoid(-beta * xc) - du)
         gr += w * du
-    if _on(LOSS_MASK, SFT):
-        w = _weight(params_ptr, SFT)
+    if 2**SFT & LOSS_MASK:
+        w = tl.load(params_ptr + SFT)
         sft_scale = tl.load(params_ptr + P_SFT_SCALE)
         loss -= w * c * sft_scale
         gc -= w * sft_scale
-    if _on(LOSS_MASK, CPO):
-        w = _weight(params_ptr, CPO)
+    if 2**CPO & LOSS_MASK:
+        w = tl.load(params_ptr + CPO)
         term, dz = _smoothed_logistic(beta * (c - r), eps)
         # the NLL row is zeros when cpo comes without one
         loss += w * (term + nll)
@@ -368,15 +356,15 @@ def _pair_terms(
     # SimPO and ORPO see the mean token log-probs
     ac = c / lc
     ar = r / lr
-    if _on(LOSS_MASK, SIMPO):
-        w = _weight(params_ptr, SIMPO)
+    if 2**SIMPO & LOSS_MASK:
+        w = tl.load(params_ptr + SIMPO)
         gamma = tl.load(params_ptr + P_SIMPO_GAMMA)
         term, dz = _smoothed_logistic(beta * ((ac - ar) - gamma / beta), eps)
         loss += w * term
         gc += w * beta * dz / lc
         gr -= w * beta * dz / lr
-    if _on(LOSS_MASK, ORPO):
-        w = _weight(params_ptr, ORPO)
+    if 2**ORPO & LOSS_MASK:
+        w = tl.load(params_ptr + ORPO)
         # mean log-probs at (or above) 0 clamp just below it, where the log odds are finite;
         # the derivative passes the clamp unchanged (dpo_fast.formulas.below)
         max_logp = tl.load(params_ptr + P_ORPO_MAX_LOGP)
@@ -520,10 +508,10 @@ def _preference_loss_backward_kernel(
     if HAS_NLL & ROWS_PRESENT:
         row += P
         tl.store(grad_x_ptr + row, g * gn, mask=mask)
-    if _on(LOSS_MASK, AOT):
+    if 2**AOT & LOSS_MASK:
         row += P
         tl.store(grad_x_ptr + row, g * ga, mask=mask)
-    if _on(LOSS_MASK, AOT_UNPAIRED):
+    if 2**AOT_UNPAIRED & LOSS_MASK:
         row += P
         tl.store(grad_x_ptr + row, g * gu, mask=mask)
 
