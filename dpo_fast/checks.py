@@ -367,7 +367,9 @@ def check_token_counts(name: str, tensor: object, like: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype == torch.bool or tensor.dtype.is_complex:
-        raise TypeError(f"{name} must be an integer or float tensor of token counts, got dtype {tensor.dtype}")
+        raise TypeError(
+            f"{name} must be an integer or float tensor of token counts, got dtype {tensor.dtype}"
+        )
     _check_like(name, tensor, like)
     if not data_checks_enabled(tensor):
         return
@@ -428,7 +430,9 @@ def check_preference_inputs(
                 f"chosen_nll must have shape () or {tuple(chosen_logps.shape)}, got {tuple(chosen_nll.shape)}"
             )
         if chosen_nll.device != chosen_logps.device:
-            raise ValueError(f"chosen_nll is on {chosen_nll.device} but chosen_logps is on {chosen_logps.device}")
+            raise ValueError(
+                f"chosen_nll is on {chosen_nll.device} but chosen_logps is on {chosen_logps.device}"
+            )
     elif "orpo" in loss_types:
         raise ValueError("orpo needs chosen_nll, the NLL of the chosen completions")
     if isinstance(bco_delta, torch.Tensor):

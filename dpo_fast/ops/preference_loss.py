@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import formulas, registry
 from ..constants import F_DIVERGENCES, REDUCTIONS, REWARD_KINDS
-from .library import triton_op
+from .library import input_gradients, triton_op
 from .logprobs import refuse_double_backward
 
 # kernels/preference_loss.py once load("triton") has imported it (Triton reads TRITON_INTERPRET
@@ -79,7 +79,7 @@ def _spec_params(spec, like: torch.Tensor) -> torch.Tensor:
     return _cached_params(spec, like.device)
 
 
-def triton_preference_loss(
+def forward_arguments(
     c: torch.Tensor,
     r: torch.Tensor,
     rc: torch.Tensor | None,
@@ -89,10 +89,9 @@ def triton_preference_loss(
     nll: torch.Tensor | None,
     bco_delta: float | torch.Tensor,
     spec,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The Triton backend of ``dpo_fast.preference_loss``, arguments as
-    ``dpo_fast.formulas.preference_losses`` (validated): ``(loss, chosen_rewards,
-    rejected_rewards, stats)``, fp32."""
+) -> tuple:
+    """The arguments of ``dpo_fast::preference_loss_forward_triton`` for one validated call
+    (arguments as ``dpo_fast.formulas.preference_losses``), built with differentiable torch ops."""
     kernels = _kernels()
     f32 = torch.float32
     rows = [c, r]
@@ -118,13 +117,14 @@ def triton_preference_loss(
     # ... and the per-call scalars: SFT's chosen token count, a tensor bco_delta
     sft = formulas.sft_scale(lc, c.shape[0]) if "sft" in spec.loss_type else None
     if sft is not None or isinstance(bco_delta, torch.Tensor):
-        delta = bco_delta.to(f32) if isinstance(bco_delta, torch.Tensor) else params[kernels.P_BCO_DELTA.value]
+        delta = (
+            bco_delta.to(f32) if isinstance(bco_delta, torch.Tensor) else params[kernels.P_BCO_DELTA.value]
+        )
         scale = sft if sft is not None else params[kernels.P_SFT_SCALE.value]
         params = torch.cat([params[: kernels.P_BCO_DELTA.value], torch.stack([delta, scale])])
     loss_mask = sum(1 << kernels.KERNEL_LOSS_TYPES.index(name) for name in spec.loss_type)
     f_divergence = formulas.canonical_f_divergence(spec.f_divergence, spec.f_alpha)
-    forward = registry.operator("preference_loss", "forward", "triton")
-    loss, rewards, stats = forward(
+    return (
         inputs,
         params,
         loss_mask,
@@ -133,7 +133,16 @@ def triton_preference_loss(
         REWARD_KINDS.index(spec.rewards),
         REDUCTIONS.index(spec.reduction),
     )
-    return loss, rewards[0], rewards[1], dict(zip(kernels.STATS, stats.unbind(0), strict=True))
+
+
+def triton_preference_loss(
+    *args: torch.Tensor | float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The Triton backend of ``dpo_fast.preference_loss``, arguments as
+    :func:`forward_arguments`: ``(loss, chosen_rewards, rejected_rewards, stats)``, fp32."""
+    forward = registry.operator("preference_loss", "forward", "triton")
+    loss, rewards, stats = forward(*forward_arguments(*args))
+    return loss, rewards[0], rewards[1], dict(zip(_kernels().STATS, stats.unbind(0), strict=True))
 
 
 def _forward_fake(inputs, params, loss_mask, rows_present, f_divergence, rewards, reduction):
@@ -159,8 +168,7 @@ def _backward(ctx, grad_loss, grad_rewards, grad_stats):
     x, params = ctx.saved_tensors
     backward = registry.operator("preference_loss", "backward", "triton")
     grad_inputs = backward(grad_loss.contiguous(), x, params, *ctx.options)
-    # one gradient per operator argument: only ``inputs`` is differentiable
-    return grad_inputs, None, None, None, None, None, None
+    return input_gradients("preference_loss_forward_triton", inputs=grad_inputs)
 
 
 def load(backend: str) -> None:
