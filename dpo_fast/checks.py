@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -24,6 +25,9 @@ from .constants import (
     REFERENCE_FREE,
     STAT_NAMES,
 )
+
+if TYPE_CHECKING:
+    from .preference_loss import PreferenceLossInputs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # per-sequence log-probs may also be float64 (the tests' oracle runs in it)
@@ -378,20 +382,12 @@ def check_token_counts(name: str, tensor: object, like: torch.Tensor) -> None:
         raise ValueError(f"{name} must be token counts >= 0, found {tensor[bad][0].item()}")
 
 
-def check_preference_inputs(
-    loss_types: Collection[str],
-    rewards: str,
-    chosen_logps: object,
-    rejected_logps: object,
-    ref_chosen_logps: object,
-    ref_rejected_logps: object,
-    chosen_lengths: object,
-    rejected_lengths: object,
-    chosen_nll: object,
-    bco_delta: object,
-) -> None:
-    """The tensors of one ``dpo_fast.preference_loss`` call, for its loss types and reward kind
-    (``PreferenceLossSpec.loss_type`` and ``.rewards``)."""
+def check_preference_inputs(x: PreferenceLossInputs, loss_types: Collection[str], rewards: str) -> None:
+    """The tensors of one ``dpo_fast.preference_loss`` call (``bco_delta`` a float or a tensor,
+    ``chosen_nll`` as given), for its loss types and reward kind (``PreferenceLossSpec``'s
+    ``loss_type`` and ``rewards``). Messages name the arguments of ``preference_loss``."""
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = x[:4]
+    chosen_lengths, rejected_lengths, chosen_nll, bco_delta = x[4:]
     check_float_pairs("chosen_logps", chosen_logps, None)
     check_float_pairs("rejected_logps", rejected_logps, chosen_logps)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):

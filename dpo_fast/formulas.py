@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .preference_loss import PreferenceLossSpec
+    from .preference_loss import PreferenceLossInputs, PreferenceLossSpec
 
 
 def transform_logits(x: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
@@ -256,28 +256,20 @@ def clamp_passing_gradient(x: torch.Tensor, max_value: float) -> torch.Tensor:
 
 
 def pair_loss_terms(
-    c: torch.Tensor,
-    r: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    lc: torch.Tensor,
-    lr: torch.Tensor,
-    nll: torch.Tensor,
-    sft: torch.Tensor | None,
-    bco_delta: float | torch.Tensor,
-    spec: PreferenceLossSpec,
+    x: PreferenceLossInputs, sft: torch.Tensor | None, spec: PreferenceLossSpec
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-pair loss of every type in ``spec.loss_type`` (unweighted) and ORPO's log-odds.
 
     Args:
-        c, r: policy log-probs ``(P,)``; rc, rr: reference log-probs (zeros when absent);
-        lc, lr: token counts clamped to >= 1 (ones when absent); nll: the chosen NLL ``(P,)``
-        (zeros when absent); sft: :func:`sft_scale` of the unclamped counts (for ``sft``).
-        All the same floating dtype, in which the math runs. bco_delta: ``bco_pair``'s shift.
+        x: every tensor present and of one floating dtype, in which the math runs: policy and
+            reference log-probs ``(P,)`` (zeros for absent references), token counts clamped to
+            >= 1 (ones when absent), the chosen NLL ``(P,)`` (zeros when absent).
+        sft: :func:`sft_scale` of the unclamped counts (for ``sft``).
     Returns:
         ``({loss_type: (P,)}, {"log_odds": (P,), "log_odds_ratio": (P,)})`` (the second
         empty without ``orpo``).
     """
+    c, r, rc, rr, lc, lr, nll, bco_delta = x
     beta, eps = spec.beta, spec.label_smoothing
     xc, xr = c - rc, r - rr
     sc = f_divergence_scores(xc, spec.f_divergence, spec.f_alpha)
@@ -336,54 +328,47 @@ def pair_loss_terms(
 
 
 def seen_logps(
-    c: torch.Tensor,
-    r: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    lc: torch.Tensor,
-    lr: torch.Tensor,
-    rewards: str,
+    x: PreferenceLossInputs, rewards: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(chosen_rewards / beta, rejected_rewards / beta, logps/chosen, logps/rejected)`` per pair,
     for a ``rewards`` kind of ``dpo_fast.constants.REWARD_KINDS``."""
+    c, r = x.chosen, x.rejected
     if rewards == "log_ratio":
-        return c - rc, r - rr, c, r
+        return c - x.ref_chosen, r - x.ref_rejected, c, r
     if rewards == "policy_mean":
-        return c / lc, r / lr, c / lc, r / lr
+        return c / x.chosen_lengths, r / x.rejected_lengths, c / x.chosen_lengths, r / x.rejected_lengths
     return c, r, c, r
 
 
 def preference_losses(
-    c: torch.Tensor,
-    r: torch.Tensor,
-    rc: torch.Tensor | None,
-    rr: torch.Tensor | None,
-    lc: torch.Tensor | None,
-    lr: torch.Tensor | None,
-    nll: torch.Tensor | None,
-    bco_delta: float | torch.Tensor,
-    spec: PreferenceLossSpec,
+    x: PreferenceLossInputs, spec: PreferenceLossSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The whole preference loss: ``(loss, chosen_rewards, rejected_rewards, stats)``.
 
-    Runs in ``c``'s dtype promoted to at least fp32 (the tests pass float64), differentiable
-    w.r.t. ``c``, ``r`` and ``nll`` (``(P,)``, a batch scalar expanded, or None); the references
-    and token counts are constants. ``stats`` holds the per-pair means of
+    Runs in the policy log-probs' dtype promoted to at least fp32 (the tests pass float64),
+    differentiable w.r.t. ``x.chosen``, ``x.rejected`` and ``x.chosen_nll``; the references and
+    token counts are constants. ``stats`` holds the per-pair means of
     ``kernels/preference_loss.py``'s ``STATS`` (ORPO's two only with ``orpo``).
     """
+    c = x.chosen
     dtype = torch.promote_types(c.dtype, torch.float32)
-    c, r = c.to(dtype), r.to(dtype)
-    rc = torch.zeros_like(c) if rc is None else rc.detach().to(dtype)
-    rr = torch.zeros_like(r) if rr is None else rr.detach().to(dtype)
-    sft = None if lc is None else sft_scale(lc, c.shape[0]).to(dtype)
-    lc = torch.ones_like(c) if lc is None else lc.to(dtype).clamp(min=1)
-    lr = torch.ones_like(r) if lr is None else lr.to(dtype).clamp(min=1)
-    nll_values = torch.zeros_like(c) if nll is None else nll.to(dtype)
-    terms, extras = pair_loss_terms(c, r, rc, rr, lc, lr, nll_values, sft, bco_delta, spec)
+    # TRL's token mean counts the real tokens: the scale sees the counts before the clamp
+    sft = sft_scale(x.chosen_lengths, c.shape[0]).to(dtype) if "sft" in spec.loss_type else None
+    zeros, ones = torch.zeros_like(c, dtype=dtype), torch.ones_like(c, dtype=dtype)
+    x = x._replace(
+        chosen=c.to(dtype),
+        rejected=x.rejected.to(dtype),
+        ref_chosen=zeros if x.ref_chosen is None else x.ref_chosen.detach().to(dtype),
+        ref_rejected=zeros if x.ref_rejected is None else x.ref_rejected.detach().to(dtype),
+        chosen_lengths=ones if x.chosen_lengths is None else x.chosen_lengths.to(dtype).clamp(min=1),
+        rejected_lengths=ones if x.rejected_lengths is None else x.rejected_lengths.to(dtype).clamp(min=1),
+        chosen_nll=zeros if x.chosen_nll is None else x.chosen_nll.to(dtype),
+    )
+    terms, extras = pair_loss_terms(x, sft, spec)
     per_pair = sum(w * terms[name] for name, w in zip(spec.loss_type, spec.loss_weights, strict=True))
     loss = {"mean": per_pair.mean, "sum": per_pair.sum, "none": lambda: per_pair}[spec.reduction]()
     with torch.no_grad():
-        ratio_c, ratio_r, logps_c, logps_r = seen_logps(c, r, rc, rr, lc, lr, spec.rewards)
+        ratio_c, ratio_r, logps_c, logps_r = seen_logps(x, spec.rewards)
         chosen_rewards, rejected_rewards = spec.beta * ratio_c, spec.beta * ratio_r
         stats = {
             "rewards/chosen": chosen_rewards.mean(),
@@ -392,7 +377,7 @@ def preference_losses(
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
             "logps/chosen": logps_c.mean(),
             "logps/rejected": logps_r.mean(),
-            "nll_loss": nll_values.mean(),
+            "nll_loss": x.chosen_nll.mean(),
         }
         if extras:
             stats["log_odds_ratio"] = extras["log_odds_ratio"].mean()

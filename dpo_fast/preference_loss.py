@@ -51,6 +51,28 @@ class PreferenceLossOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
+class PreferenceLossInputs(NamedTuple):
+    """The validated tensors of one :func:`preference_loss` call, as the backends take them
+    (``dpo_fast.formulas.preference_losses``, ``dpo_fast.ops.preference_loss``).
+
+    Attributes:
+        chosen, rejected: ``(P,)`` policy log-probs (differentiable).
+        ref_chosen, ref_rejected: ``(P,)`` reference log-probs, or None (reference-free).
+        chosen_lengths, rejected_lengths: ``(P,)`` token counts (any real dtype), or None.
+        chosen_nll: ``(P,)`` (a batch scalar expanded), or None.
+        bco_delta: ``bco_pair``'s shift: the spec's float or a per-call 0-dim tensor (detached).
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
+    chosen_lengths: torch.Tensor | None
+    rejected_lengths: torch.Tensor | None
+    chosen_nll: torch.Tensor | None
+    bco_delta: float | torch.Tensor
+
+
 @dataclass(frozen=True)
 class PreferenceLossSpec:
     """The options of a preference loss, validated once; pass it as ``preference_loss(..., spec=)``.
@@ -254,9 +276,7 @@ def preference_loss(
         "bco_delta": bco_delta,
     }
     spec = _spec_for_call(spec, options)
-    check_preference_inputs(
-        spec.loss_type,
-        spec.rewards,
+    inputs = PreferenceLossInputs(
         chosen_logps,
         rejected_logps,
         ref_chosen_logps,
@@ -266,15 +286,18 @@ def preference_loss(
         chosen_nll,
         bco_delta,
     )
-    if chosen_nll is not None:
-        chosen_nll = chosen_nll.expand(chosen_logps.shape)  # a stride-0 view; autograd sums it back
-    delta = bco_delta.detach() if isinstance(bco_delta, torch.Tensor) else spec.bco_delta
-    inputs = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    inputs += (chosen_lengths, rejected_lengths, chosen_nll, delta, spec)
+    check_preference_inputs(inputs, spec.loss_type, spec.rewards)
+    inputs = inputs._replace(
+        # a stride-0 view of a batch scalar; autograd sums its gradient back
+        chosen_nll=None if chosen_nll is None else chosen_nll.expand(chosen_logps.shape),
+        bco_delta=bco_delta.detach() if isinstance(bco_delta, torch.Tensor) else spec.bco_delta,
+    )
     if registry.resolve("preference_loss", backend, chosen_logps.device.type) == "triton":
-        loss, chosen_rewards, rejected_rewards, stats = preference_loss_op.triton_preference_loss(*inputs)
+        loss, chosen_rewards, rejected_rewards, stats = preference_loss_op.triton_preference_loss(
+            inputs, spec
+        )
     else:
-        loss, chosen_rewards, rejected_rewards, stats = formulas.preference_losses(*inputs)
+        loss, chosen_rewards, rejected_rewards, stats = formulas.preference_losses(inputs, spec)
     return PreferenceLossOutput(
         loss, chosen_rewards, rejected_rewards, _select_metrics(stats, spec, chosen_nll is not None)
     )

@@ -2,8 +2,8 @@
 
 The kernels read two small tensors prepared by ``dpo_fast.ops.preference_loss``:
 
-* ``inputs``, fp32 ``(K, P)``: one row per per-pair input, in the order of :data:`ROWS`;
-  the optional rows are present as the ``ROWS_PRESENT`` bit mask and ``LOSS_MASK`` say;
+* ``inputs``, fp32 ``(K, P)``: one row per per-pair input (the order is stated with
+  ``HAS_REF`` below); the optional rows are present as ``ROWS_PRESENT`` and ``LOSS_MASK`` say;
 * ``params``, fp32 ``(len(PARAMS),)``: the weight of every loss type, then the scalar options
   (:data:`PARAMS`), read at run time. A set of loss types (the ``LOSS_MASK`` bit mask, a
   compile-time constant) is one compiled kernel whatever its weights and options.
@@ -29,55 +29,36 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..constants import F_DIVERGENCES, LOSS_TYPES, REDUCTIONS, REWARD_KINDS
 from .tl_math import LN2, log1mexp, log1p, logsigmoid, neg_expm1
 
 # Bit i of LOSS_MASK switches loss type i on; params[i] is its weight. The kernels test a type
 # as ``2**SIGMOID & LOSS_MASK``: compile-time arithmetic, written with the ``constexpr`` on the
 # left of every operator (under the interpreter the mask is a plain int, and ``constexpr`` has
 # no reflected bit operators), inline (each jitted call costs the interpreter milliseconds).
-KERNEL_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
-    "simpo",
-    "cpo",
-    "orpo",
-)
-SIGMOID = tl.constexpr(KERNEL_LOSS_TYPES.index("sigmoid"))
-HINGE = tl.constexpr(KERNEL_LOSS_TYPES.index("hinge"))
-IPO = tl.constexpr(KERNEL_LOSS_TYPES.index("ipo"))
-EXO_PAIR = tl.constexpr(KERNEL_LOSS_TYPES.index("exo_pair"))
-NCA_PAIR = tl.constexpr(KERNEL_LOSS_TYPES.index("nca_pair"))
-ROBUST = tl.constexpr(KERNEL_LOSS_TYPES.index("robust"))
-BCO_PAIR = tl.constexpr(KERNEL_LOSS_TYPES.index("bco_pair"))
-SPPO_HARD = tl.constexpr(KERNEL_LOSS_TYPES.index("sppo_hard"))
-AOT = tl.constexpr(KERNEL_LOSS_TYPES.index("aot"))
-AOT_UNPAIRED = tl.constexpr(KERNEL_LOSS_TYPES.index("aot_unpaired"))
-APO_ZERO = tl.constexpr(KERNEL_LOSS_TYPES.index("apo_zero"))
-APO_DOWN = tl.constexpr(KERNEL_LOSS_TYPES.index("apo_down"))
-DISCOPOP = tl.constexpr(KERNEL_LOSS_TYPES.index("discopop"))
-SIGMOID_NORM = tl.constexpr(KERNEL_LOSS_TYPES.index("sigmoid_norm"))
-SFT = tl.constexpr(KERNEL_LOSS_TYPES.index("sft"))
-SIMPO = tl.constexpr(KERNEL_LOSS_TYPES.index("simpo"))
-CPO = tl.constexpr(KERNEL_LOSS_TYPES.index("cpo"))
-ORPO = tl.constexpr(KERNEL_LOSS_TYPES.index("orpo"))
+SIGMOID = tl.constexpr(LOSS_TYPES.index("sigmoid"))
+HINGE = tl.constexpr(LOSS_TYPES.index("hinge"))
+IPO = tl.constexpr(LOSS_TYPES.index("ipo"))
+EXO_PAIR = tl.constexpr(LOSS_TYPES.index("exo_pair"))
+NCA_PAIR = tl.constexpr(LOSS_TYPES.index("nca_pair"))
+ROBUST = tl.constexpr(LOSS_TYPES.index("robust"))
+BCO_PAIR = tl.constexpr(LOSS_TYPES.index("bco_pair"))
+SPPO_HARD = tl.constexpr(LOSS_TYPES.index("sppo_hard"))
+AOT = tl.constexpr(LOSS_TYPES.index("aot"))
+AOT_UNPAIRED = tl.constexpr(LOSS_TYPES.index("aot_unpaired"))
+APO_ZERO = tl.constexpr(LOSS_TYPES.index("apo_zero"))
+APO_DOWN = tl.constexpr(LOSS_TYPES.index("apo_down"))
+DISCOPOP = tl.constexpr(LOSS_TYPES.index("discopop"))
+SIGMOID_NORM = tl.constexpr(LOSS_TYPES.index("sigmoid_norm"))
+SFT = tl.constexpr(LOSS_TYPES.index("sft"))
+SIMPO = tl.constexpr(LOSS_TYPES.index("simpo"))
+CPO = tl.constexpr(LOSS_TYPES.index("cpo"))
+ORPO = tl.constexpr(LOSS_TYPES.index("orpo"))
 
 # ``params``: the weights (0 for absent types), then the spec's scalar options, then two per-call
 # values; P_<NAME> is the index of an entry.
 PARAMS = (
-    *KERNEL_LOSS_TYPES,
+    *LOSS_TYPES,
     "beta",
     "label_smoothing",
     "discopop_tau",
@@ -98,22 +79,23 @@ P_ORPO_MAX_LOGP = tl.constexpr(PARAMS.index("orpo_max_logp"))
 P_BCO_DELTA = tl.constexpr(PARAMS.index("bco_delta"))
 P_SFT_SCALE = tl.constexpr(PARAMS.index("sft_scale"))
 
-# The rows of ``inputs``, in order; the ROWS_PRESENT bits HAS_REF, HAS_LENGTHS, HAS_NLL say which
-# of the optional ones are there, LOSS_MASK whether the AOT rows are (with their loss types).
-ROWS = (
-    "chosen",
-    "rejected",
-    "ref_chosen",
-    "ref_rejected",
-    "chosen_lengths",
-    "rejected_lengths",
-    "nll",
-    "aot",
-    "aot_unpaired",
-)
+# The rows of ``inputs``, in order: chosen, rejected, [ref_chosen, ref_rejected],
+# [chosen_lengths, rejected_lengths], [nll], [aot], [aot_unpaired]. The ROWS_PRESENT bits say
+# which bracketed groups are there, LOSS_MASK whether the AOT rows are (with their loss types).
 HAS_REF = tl.constexpr(1)
 HAS_LENGTHS = tl.constexpr(2)
 HAS_NLL = tl.constexpr(4)
+
+# FDIV, REWARDS and REDUCTION index dpo_fast.constants' F_DIVERGENCES, REWARD_KINDS, REDUCTIONS.
+FORWARD_KL = tl.constexpr(F_DIVERGENCES.index("forward_kl"))
+JS_DIVERGENCE = tl.constexpr(F_DIVERGENCES.index("js_divergence"))
+ALPHA_DIVERGENCE = tl.constexpr(F_DIVERGENCES.index("alpha_divergence"))
+REVERSE_KL = tl.constexpr(F_DIVERGENCES.index("reverse_kl"))
+LOG_RATIO = tl.constexpr(REWARD_KINDS.index("log_ratio"))
+POLICY_SUM = tl.constexpr(REWARD_KINDS.index("policy_sum"))
+REDUCE_MEAN = tl.constexpr(REDUCTIONS.index("mean"))
+REDUCE_SUM = tl.constexpr(REDUCTIONS.index("sum"))
+REDUCE_NONE = tl.constexpr(REDUCTIONS.index("none"))
 
 # Order of the entries of ``stats`` written by the forward kernel: means over the pairs.
 STATS = (
@@ -179,14 +161,14 @@ def _score(x, f_alpha, max_exponent, FDIV: tl.constexpr):
     ``FDIV`` indexes ``dpo_fast.constants.F_DIVERGENCES``; exponents clamp at ``max_exponent``
     (zero derivative beyond, as ``torch.clamp``).
     """
-    if FDIV == 1:  # forward KL: 1 - exp(-x)
+    if FORWARD_KL == FDIV:  # 1 - exp(-x)
         e = tl.exp(tl.minimum(-x, max_exponent))
         s = 1.0 - e
         ds = tl.where(-x <= max_exponent, e, 0.0)
-    elif FDIV == 2:  # Jensen-Shannon: log 2 + logsigmoid(x)
+    elif JS_DIVERGENCE == FDIV:  # log 2 + logsigmoid(x)
         s = LN2 + logsigmoid(x)
         ds = tl.sigmoid(-x)
-    elif FDIV == 3:  # alpha: (exp((alpha - 1) x) - 1) / (alpha - 1)
+    elif ALPHA_DIVERGENCE == FDIV:  # (exp((alpha - 1) x) - 1) / (alpha - 1)
         t = (f_alpha - 1.0) * x
         e = tl.exp(tl.minimum(t, max_exponent))
         s = (e - 1.0) / (f_alpha - 1.0)
@@ -229,7 +211,7 @@ def _pair_terms(
 
     xc = c - rc
     xr = r - rr
-    if FDIV != 0:
+    if REVERSE_KL != FDIV:
         f_alpha = tl.load(params_ptr + P_F_ALPHA)
         max_exponent = tl.load(params_ptr + P_MAX_EXPONENT)
     else:
@@ -419,12 +401,12 @@ def _preference_loss_forward_kernel(
         )
         # the log-probs the rewards are made of (dpo_fast.constants.REWARD_KINDS):
         # log-ratios, policy sums or policy means
-        if REWARDS == 0:
+        if LOG_RATIO == REWARDS:
             seen_c = c
             seen_r = r
             reward_c = beta * (c - rc)
             reward_r = beta * (r - rr)
-        elif REWARDS == 1:
+        elif POLICY_SUM == REWARDS:
             seen_c = c
             seen_r = r
             reward_c = beta * c
@@ -436,7 +418,7 @@ def _preference_loss_forward_kernel(
             reward_r = beta * seen_r
         tl.store(rewards_ptr + offs, reward_c, mask=mask)
         tl.store(rewards_ptr + P + offs, reward_r, mask=mask)
-        if REDUCTION == 2:  # "none"
+        if REDUCE_NONE == REDUCTION:
             tl.store(loss_ptr + offs, loss, mask=mask)
         acc_loss += tl.where(mask, loss, 0.0)
         acc_cr += tl.where(mask, reward_c, 0.0)
@@ -449,9 +431,9 @@ def _preference_loss_forward_kernel(
         acc_ratio += tl.where(mask, odds_ratio, 0.0)
         acc_odds += tl.where(mask, log_odds, 0.0)
     inv_p = 1.0 / P
-    if REDUCTION == 0:  # "mean"
+    if REDUCE_MEAN == REDUCTION:
         tl.store(loss_ptr, tl.sum(acc_loss, 0) * inv_p)
-    elif REDUCTION == 1:  # "sum"
+    elif REDUCE_SUM == REDUCTION:
         tl.store(loss_ptr, tl.sum(acc_loss, 0))
     tl.store(stats_ptr + 0, tl.sum(acc_cr, 0) * inv_p)
     tl.store(stats_ptr + 1, tl.sum(acc_rr, 0) * inv_p)
@@ -483,9 +465,9 @@ def _preference_loss_backward_kernel(
     _, gc, gr, gn, ga, gu, _, _ = _pair_terms(
         c, r, rc, rr, lc, lr, nll, aot, aot_unpaired, params_ptr, LOSS_MASK, FDIV
     )
-    if REDUCTION == 2:  # "none": one upstream gradient per pair
+    if REDUCE_NONE == REDUCTION:  # one upstream gradient per pair
         g = tl.load(grad_loss_ptr + offs, mask=mask, other=0.0)
-    elif REDUCTION == 0:  # "mean"
+    elif REDUCE_MEAN == REDUCTION:
         g = tl.load(grad_loss_ptr) / P
     else:
         g = tl.load(grad_loss_ptr)
@@ -528,9 +510,9 @@ def preference_loss_forward(
     """Launch the forward kernel (the ``dpo_fast::preference_loss_forward_triton`` operator).
 
     Args:
-        inputs: contiguous fp32 ``(K, P)``, the rows of :data:`ROWS` that are present.
+        inputs: contiguous fp32 ``(K, P)``, the rows that are present, in order (see ``HAS_REF``).
         params: contiguous fp32 ``(len(PARAMS),)``.
-        loss_mask: bit ``i`` switches ``KERNEL_LOSS_TYPES[i]`` on.
+        loss_mask: bit ``i`` switches ``LOSS_TYPES[i]`` on.
         rows_present: ``HAS_REF | HAS_LENGTHS | HAS_NLL`` of the optional rows present in ``inputs``.
         f_divergence, rewards, reduction: indices in ``dpo_fast.constants``' ``F_DIVERGENCES``,
             ``REWARD_KINDS``, ``REDUCTIONS``.
@@ -539,7 +521,7 @@ def preference_loss_forward(
         and rejected rewards ``(2, P)``, ``stats`` the means named by :data:`STATS`.
     """
     P = inputs.shape[1]
-    loss = inputs.new_empty((P,) if reduction == 2 else ())
+    loss = inputs.new_empty((P,) if reduction == REDUCE_NONE.value else ())
     reward_values = inputs.new_empty((2, P))
     stats = inputs.new_empty((len(STATS),))
     wrap_triton(_preference_loss_forward_kernel)[(1,)](

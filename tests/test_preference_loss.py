@@ -126,10 +126,14 @@ def check_against_reference(backend: str, kwargs: dict, rtol=2e-5, **options):
 # --------------------------------------------------------------------------- reference ----
 
 
-def test_kernels_implement_every_loss_type():
-    from dpo_fast.kernels.preference_loss import KERNEL_LOSS_TYPES
+def test_kernels_have_a_bit_for_every_loss_type():
+    registry.resolve("preference_loss", "triton", "cpu")
+    from dpo_fast.kernels import preference_loss as kernels
 
-    assert sorted(KERNEL_LOSS_TYPES) == sorted(LOSS_TYPES)
+    for bit, name in enumerate(LOSS_TYPES):
+        assert getattr(kernels, name.upper()).value == bit == kernels.PARAMS.index(name)
+    # the per-call values come last: the op replaces them without rebuilding the spec's
+    assert kernels.PARAMS[-2:] == ("bco_delta", "sft_scale")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -573,6 +577,7 @@ def test_triton_operators_pass_opcheck():
     on the arguments real calls give them."""
     registry.resolve("preference_loss", "triton", "cpu")
     from dpo_fast.ops.preference_loss import forward_arguments
+    from dpo_fast.preference_loss import PreferenceLossInputs
 
     for loss_type, reduction in ((["sigmoid", "ipo", "sft", "aot"], "mean"), ("orpo", "none")):
         kwargs = call_kwargs(loss_type, make_pairs(7, min_length=1))
@@ -584,7 +589,7 @@ def test_triton_operators_pass_opcheck():
         tensors = [kwargs.get(name) for name in names]
         if tensors[-1] is not None:
             tensors[-1] = tensors[-1].expand(7)
-        inputs, *options = forward_arguments(*tensors, torch.tensor(0.1), spec)
+        inputs, *options = forward_arguments(PreferenceLossInputs(*tensors, torch.tensor(0.1)), spec)
         inputs = inputs.detach().requires_grad_(True)
         torch.library.opcheck(torch.ops.dpo_fast.preference_loss_forward_triton, (inputs, *options))
         grad = torch.randn(7) if reduction == "none" else torch.randn(())

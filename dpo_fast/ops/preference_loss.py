@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import formulas, registry
-from ..constants import F_DIVERGENCES, REDUCTIONS, REWARD_KINDS
+from ..constants import F_DIVERGENCES, LOSS_TYPES, REDUCTIONS, REWARD_KINDS
 from .library import input_gradients, triton_op
 from .logprobs import refuse_double_backward
+
+if TYPE_CHECKING:
+    from ..preference_loss import PreferenceLossInputs, PreferenceLossSpec
 
 # kernels/preference_loss.py once load("triton") has imported it (Triton reads TRITON_INTERPRET
 # when the kernels are defined, so nothing imports them before the backend is chosen)
@@ -41,11 +45,11 @@ def _kernels() -> ModuleType:
     return _loaded["triton"]
 
 
-def _param_values(spec) -> tuple[float, ...]:
+def _param_values(spec: PreferenceLossSpec) -> tuple[float, ...]:
     """``params`` of a spec, in ``PARAMS`` order, with the per-call ``sft_scale`` 0."""
     kernels = _kernels()
     f_divergence = formulas.canonical_f_divergence(spec.f_divergence, spec.f_alpha)
-    values = dict.fromkeys(kernels.KERNEL_LOSS_TYPES, 0.0)
+    values = dict.fromkeys(LOSS_TYPES, 0.0)
     values.update(zip(spec.loss_type, spec.loss_weights, strict=True))
     values.update(
         beta=spec.beta,
@@ -62,11 +66,11 @@ def _param_values(spec) -> tuple[float, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_params(spec, device: torch.device) -> torch.Tensor:
+def _cached_params(spec: PreferenceLossSpec, device: torch.device) -> torch.Tensor:
     return torch.tensor(_param_values(spec), dtype=torch.float32, device=device)
 
 
-def _spec_params(spec, like: torch.Tensor) -> torch.Tensor:
+def _spec_params(spec: PreferenceLossSpec, like: torch.Tensor) -> torch.Tensor:
     """A spec's ``params`` on ``like``'s device.
 
     Eagerly, one tensor per (spec, device), made on first use: later calls copy nothing from
@@ -79,35 +83,26 @@ def _spec_params(spec, like: torch.Tensor) -> torch.Tensor:
     return _cached_params(spec, like.device)
 
 
-def forward_arguments(
-    c: torch.Tensor,
-    r: torch.Tensor,
-    rc: torch.Tensor | None,
-    rr: torch.Tensor | None,
-    lc: torch.Tensor | None,
-    lr: torch.Tensor | None,
-    nll: torch.Tensor | None,
-    bco_delta: float | torch.Tensor,
-    spec,
-) -> tuple:
-    """The arguments of ``dpo_fast::preference_loss_forward_triton`` for one validated call
-    (arguments as ``dpo_fast.formulas.preference_losses``), built with differentiable torch ops."""
+def forward_arguments(x: PreferenceLossInputs, spec: PreferenceLossSpec) -> tuple:
+    """The arguments of ``dpo_fast::preference_loss_forward_triton`` for one validated call,
+    built with differentiable torch ops."""
     kernels = _kernels()
     f32 = torch.float32
-    rows = [c, r]
+    c = x.chosen
+    rows = [c, x.rejected]
     rows_present = 0
-    if rc is not None:
-        rows += [rc.detach(), rr.detach()]
+    if x.ref_chosen is not None:
+        rows += [x.ref_chosen.detach(), x.ref_rejected.detach()]
         rows_present |= kernels.HAS_REF.value
-    if lc is not None:
-        rows += [lc, lr]
+    if x.chosen_lengths is not None:
+        rows += [x.chosen_lengths, x.rejected_lengths]
         rows_present |= kernels.HAS_LENGTHS.value
-    if nll is not None:
-        rows.append(nll)
+    if x.chosen_nll is not None:
+        rows.append(x.chosen_nll)
         rows_present |= kernels.HAS_NLL.value
     # the batch-coupled parts, in PyTorch: sorts for AOT (which needs the references) ...
     if "aot" in spec.loss_type or "aot_unpaired" in spec.loss_type:
-        f = [t.to(f32) for t in (c, r, rc, rr)]
+        f = [t.to(f32) for t in (c, x.rejected, x.ref_chosen, x.ref_rejected)]
         if "aot" in spec.loss_type:
             rows.append(formulas.aot_delta(*f))
         if "aot_unpaired" in spec.loss_type:
@@ -115,14 +110,13 @@ def forward_arguments(
     inputs = torch.stack([row.to(f32) for row in rows])
     params = _spec_params(spec, c)
     # ... and the per-call scalars: SFT's chosen token count, a tensor bco_delta
-    sft = formulas.sft_scale(lc, c.shape[0]) if "sft" in spec.loss_type else None
-    if sft is not None or isinstance(bco_delta, torch.Tensor):
-        delta = (
-            bco_delta.to(f32) if isinstance(bco_delta, torch.Tensor) else params[kernels.P_BCO_DELTA.value]
-        )
+    sft = formulas.sft_scale(x.chosen_lengths, c.shape[0]) if "sft" in spec.loss_type else None
+    tensor_delta = isinstance(x.bco_delta, torch.Tensor)
+    if sft is not None or tensor_delta:
+        delta = x.bco_delta.to(f32) if tensor_delta else params[kernels.P_BCO_DELTA.value]
         scale = sft if sft is not None else params[kernels.P_SFT_SCALE.value]
         params = torch.cat([params[: kernels.P_BCO_DELTA.value], torch.stack([delta, scale])])
-    loss_mask = sum(1 << kernels.KERNEL_LOSS_TYPES.index(name) for name in spec.loss_type)
+    loss_mask = sum(1 << LOSS_TYPES.index(name) for name in spec.loss_type)
     f_divergence = formulas.canonical_f_divergence(spec.f_divergence, spec.f_alpha)
     return (
         inputs,
@@ -136,12 +130,12 @@ def forward_arguments(
 
 
 def triton_preference_loss(
-    *args: torch.Tensor | float | None,
+    x: PreferenceLossInputs, spec: PreferenceLossSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The Triton backend of ``dpo_fast.preference_loss``, arguments as
-    :func:`forward_arguments`: ``(loss, chosen_rewards, rejected_rewards, stats)``, fp32."""
+    """The Triton backend of ``dpo_fast.preference_loss``: ``(loss, chosen_rewards,
+    rejected_rewards, stats)``, fp32, as ``dpo_fast.formulas.preference_losses``."""
     forward = registry.operator("preference_loss", "forward", "triton")
-    loss, rewards, stats = forward(*forward_arguments(*args))
+    loss, rewards, stats = forward(*forward_arguments(x, spec))
     return loss, rewards[0], rewards[1], dict(zip(_kernels().STATS, stats.unbind(0), strict=True))
 
 
