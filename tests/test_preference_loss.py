@@ -572,31 +572,6 @@ def test_fake_tensors_trace_without_value_checks(backend):
     assert all(value.shape == () for value in out.metrics.values())
 
 
-def test_triton_operators_pass_opcheck():
-    """The operators' schemas, fakes, autograd registration and AOT dispatch (dynamic shapes),
-    on the arguments real calls give them."""
-    registry.resolve("preference_loss", "triton", "cpu")
-    from dpo_fast.ops.preference_loss import forward_arguments
-    from dpo_fast.preference_loss import PreferenceLossInputs
-
-    for loss_type, reduction in ((["sigmoid", "ipo", "sft", "aot"], "mean"), ("orpo", "none")):
-        kwargs = call_kwargs(loss_type, make_pairs(7, min_length=1))
-        spec = PreferenceLossSpec(
-            loss_type=loss_type, label_smoothing=kwargs["label_smoothing"], reduction=reduction
-        )
-        names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-        names += ("chosen_lengths", "rejected_lengths", "chosen_nll")
-        tensors = [kwargs.get(name) for name in names]
-        if tensors[-1] is not None:
-            tensors[-1] = tensors[-1].expand(7)
-        inputs, *options = forward_arguments(PreferenceLossInputs(*tensors, torch.tensor(0.1)), spec)
-        inputs = inputs.detach().requires_grad_(True)
-        torch.library.opcheck(torch.ops.dpo_fast.preference_loss_forward_triton, (inputs, *options))
-        grad = torch.randn(7) if reduction == "none" else torch.randn(())
-        backward_args = (grad, inputs.detach(), options[0], *options[1:4], options[5])
-        torch.library.opcheck(torch.ops.dpo_fast.preference_loss_backward_triton, backward_args)
-
-
 def test_cpu_auto_builds_nothing_and_warns_nothing(tmp_path):
     """On CPU, backend="auto" runs the PyTorch loss: no C++ build (no compiler here), no
     warning; "cpp" is not a loss backend."""
