@@ -8,12 +8,13 @@ The Triton backend registers::
     dpo_fast::preference_loss_backward_triton(Tensor grad_loss, Tensor inputs, Tensor params,
         int loss_mask, int rows_present, int f_divergence, int reduction) -> Tensor
 
-:func:`triton_preference_loss` builds their two tensors with torch ops, so autograd reaches
-the caller's tensors through them: ``inputs`` stacks the per-pair inputs into one fp32
+:func:`forward_arguments` builds their two tensors with torch ops, so autograd reaches the
+caller's tensors through them: ``inputs`` stacks the per-pair inputs into one fp32
 ``(K, P)`` tensor (its one differentiable input; backward returns its ``(K, P)`` gradient and
 the stack hands each row back), ``params`` holds the loss weights and scalar options
 (``kernels/preference_loss.py`` documents both layouts). The loss types are a compile-time bit
-mask, the weights run-time values: one compiled kernel per set of loss types.
+mask, the weights run-time values: one compiled kernel per set of loss types. A new spec
+(say, a changed beta) costs one small host-to-device copy on its first call.
 
 The ``"torch"`` backend registers nothing: it is ``dpo_fast.formulas.preference_losses``,
 plain differentiable PyTorch.
