@@ -1,7 +1,9 @@
 """Preference losses: the loss op alone, and the whole fused head.
 
 Part 1, the loss op: ``dpo_fast.preference_loss`` (one Triton launch forward, one backward on
-CUDA) against its own PyTorch path and TRL 1.16's ``DPOTrainer._compute_loss`` (the
+CUDA, plus the torch ops that pack its inputs), with its options as keywords or as a
+``PreferenceLossSpec`` built once, against its own PyTorch path and TRL 1.16's
+``DPOTrainer._compute_loss`` (the
 trainer's loss + metrics code, fed by a stub model whose per-token log-probs sum to the
 same values; it reads its metrics on the host, as TRL does every step). Forward and
 forward+backward time for 64..8192 pairs, and on CUDA the number of kernel launches.
@@ -125,14 +127,18 @@ def trl_step(pairs: dict, loss_type, weights) -> Callable[[bool], None] | None:
     return step
 
 
-def ours_step(pairs: dict, loss_type, weights, backend: str) -> Callable[[bool], None]:
+def ours_step(pairs: dict, loss_type, weights, backend: str, use_spec: bool) -> Callable[[bool], None]:
+    """One call of ``dpo_fast.preference_loss``: options as keywords (validated every call) or
+    as a ``PreferenceLossSpec`` built once, outside the step, as a training loop would."""
+    options = {"loss_type": loss_type, "loss_weights": weights}
+    if use_spec:
+        options = {"spec": dpo_fast.PreferenceLossSpec(**options)}
+
     def step(backward: bool) -> None:
         c = pairs["chosen_logps"].detach().requires_grad_(backward)
         r = pairs["rejected_logps"].detach().requires_grad_(backward)
         rest = {k: v for k, v in pairs.items() if k not in ("chosen_logps", "rejected_logps")}
-        out = dpo_fast.preference_loss(
-            c, r, **rest, loss_type=loss_type, loss_weights=weights, backend=backend
-        )
+        out = dpo_fast.preference_loss(c, r, **rest, **options, backend=backend)
         if backward:
             out.loss.backward()
 
@@ -145,7 +151,10 @@ def bench_loss_op(pair_counts: list[int], device: torch.device, repeats: int) ->
     for P in pair_counts:
         pairs = make_pairs(P, device)
         for name, (loss_type, weights) in LOSSES.items():
-            methods = {f"dpo_fast ({b})": ours_step(pairs, loss_type, weights, b) for b in backends}
+            methods = {}
+            for b in backends:
+                methods[f"dpo_fast ({b})"] = ours_step(pairs, loss_type, weights, b, use_spec=False)
+                methods[f"dpo_fast ({b}, spec)"] = ours_step(pairs, loss_type, weights, b, use_spec=True)
             trl = trl_step(pairs, loss_type, weights)
             if trl is not None:
                 methods["trl DPOTrainer._compute_loss"] = trl

@@ -5,7 +5,7 @@ from .fused_linear_loss import FusedLinearPreferenceAux, FusedLinearPreferenceLo
 from .hf import ConcatenatedOutput, concatenated_forward
 from .linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
-from .preference_loss import PreferenceLossOutput, preference_loss
+from .preference_loss import PreferenceLossOutput, PreferenceLossSpec, preference_loss
 from .reference_logps import ReferenceLogps, precompute_reference_logps
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "FusedLinearPreferenceAux",
     "FusedLinearPreferenceLoss",
     "PreferenceLossOutput",
+    "PreferenceLossSpec",
     "ReferenceLogps",
     "SequenceLogprobs",
     "TokenLogprobs",

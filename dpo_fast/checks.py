@@ -7,14 +7,31 @@ reaches a kernel as a silent wrong answer or a crash.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .constants import BLOCK_KEYS, LAYOUTS, STAT_NAMES
+from .constants import (
+    BLOCK_KEYS,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
+    LAYOUTS,
+    LOSS_TYPES,
+    NEEDS_LENGTHS,
+    REDUCTIONS,
+    REFERENCE_FREE,
+    STAT_NAMES,
+)
+
+if TYPE_CHECKING:
+    from .preference_loss import PreferenceLossInputs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# per-sequence log-probs may also be float64 (the tests' oracle runs in it)
+LOGP_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 def data_checks_enabled(tensor: torch.Tensor) -> bool:
@@ -223,4 +240,215 @@ def _check_block_batch(batch: Mapping, layout: str) -> None:
             raise ValueError(
                 f"batch['sequence_ids'] must be -1 (not a completion token) or in [0, 2 * num_pairs = "
                 f"{2 * num_pairs}), got values in [{low}, {high}]"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference losses: the options (checked once, when a PreferenceLossSpec is built) and the
+# per-call tensors.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_loss_types(loss_type: object, loss_weights: object) -> dict[str, float]:
+    """``loss_type`` (a name of :data:`LOSS_TYPES` or a list of them) and its ``loss_weights``
+    (one finite number per entry, default 1 each) as ``{loss type: weight}``; a type listed
+    twice gets the sum of its weights."""
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    if not isinstance(types, Sequence):
+        raise TypeError(f"loss_type must be a loss name or a list of them, got {type(loss_type).__name__}")
+    types = list(types)
+    if not types:
+        raise ValueError(f"loss_type must name at least one loss from {LOSS_TYPES}, got an empty list")
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"unknown loss_type {unknown[0]!r}; valid loss types are {LOSS_TYPES}")
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(
+            f"loss_weights must have one weight per loss type ({len(types)} for {types}), got {len(weights)}"
+        )
+    if not all(_is_real(w) and math.isfinite(w) for w in weights):
+        raise ValueError(f"loss_weights must be finite numbers, got {weights}")
+    summed: dict[str, float] = {}
+    for name, w in zip(types, weights, strict=True):
+        summed[name] = summed.get(name, 0.0) + float(w)
+    return summed
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_finite(name: str, value: object) -> None:
+    if not (_is_real(value) and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_loss_options(
+    loss_types: Collection[str],
+    *,
+    beta: object,
+    label_smoothing: object,
+    f_divergence: object,
+    f_alpha: object,
+    discopop_tau: object,
+    simpo_gamma: object,
+    reduction: object,
+    bco_delta: object,
+) -> None:
+    """The scalar options of ``dpo_fast.preference_loss`` for the loss types ``loss_types``."""
+    if not (_is_real(beta) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    eps = label_smoothing
+    if not (_is_real(eps) and 0.0 <= eps <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {eps!r}")
+    if "exo_pair" in loss_types and not 0.0 < eps < 1.0:
+        raise ValueError(f"exo_pair needs label_smoothing in (0, 1) (the EXO paper uses 1e-3), got {eps}")
+    if "robust" in loss_types and not eps < 0.5:
+        raise ValueError(f"robust needs label_smoothing in [0, 0.5), got {eps}")
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
+    unsupported = sorted(set(loss_types) - F_DIVERGENCE_LOSS_TYPES)
+    if f_divergence != "reverse_kl" and unsupported:
+        raise ValueError(
+            f"f_divergence={f_divergence!r} is only defined for {sorted(F_DIVERGENCE_LOSS_TYPES)}; "
+            f"got loss types {unsupported}"
+        )
+    _check_finite("f_alpha", f_alpha)
+    if not (_is_real(discopop_tau) and math.isfinite(discopop_tau) and discopop_tau > 0):
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau!r}")
+    _check_finite("simpo_gamma", simpo_gamma)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(bco_delta, torch.Tensor):
+        raise TypeError(
+            "bco_delta of a PreferenceLossSpec must be a float; pass a 0-dim tensor as "
+            "preference_loss(..., bco_delta=tensor) instead"
+        )
+    _check_finite("bco_delta", bco_delta)
+
+
+def check_reward_kind(loss_types: Collection[str]) -> str:
+    """How rewards are defined for ``loss_types`` (an entry of ``REWARD_KINDS``): reference
+    log-ratios (the DPO family), summed policy log-probs (``cpo``) or mean token log-probs
+    (``simpo``, ``orpo``); a list must agree on one (``sft`` goes with any)."""
+    kinds = set()
+    for name in loss_types:
+        if name in ("simpo", "orpo"):
+            kinds.add("policy_mean")
+        elif name == "cpo":
+            kinds.add("policy_sum")
+        elif name != "sft":
+            kinds.add("log_ratio")
+    if len(kinds) > 1:
+        raise ValueError(
+            f"loss types {sorted(loss_types)} define rewards differently (reference log-ratios for the DPO "
+            "family, summed policy log-probs for cpo, mean token log-probs for simpo and orpo); "
+            "combine only losses of one kind"
+        )
+    return kinds.pop() if kinds else "log_ratio"
+
+
+def check_float_pairs(name: str, tensor: object, like: torch.Tensor | None) -> None:
+    """A float ``(P,)`` tensor (``P >= 1``) of :data:`LOGP_DTYPES`; with ``like``, of its shape
+    and device."""
+    _check_logp_dtype(name, tensor)
+    _check_like(name, tensor, like)
+
+
+def _check_logp_dtype(name: str, tensor: object) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in LOGP_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {tensor.dtype}")
+
+
+def _check_like(name: str, tensor: torch.Tensor, like: torch.Tensor | None) -> None:
+    if like is None:
+        if tensor.dim() != 1 or tensor.shape[0] == 0:
+            raise ValueError(f"{name} must have shape (P,) with P >= 1 pairs, got {tuple(tensor.shape)}")
+        return
+    if tensor.shape != like.shape:
+        raise ValueError(
+            f"{name} must have the shape of chosen_logps {tuple(like.shape)}, got {tuple(tensor.shape)}"
+        )
+    if tensor.device != like.device:
+        raise ValueError(f"{name} is on {tensor.device} but chosen_logps is on {like.device}")
+
+
+def check_token_counts(name: str, tensor: object, like: torch.Tensor) -> None:
+    """``(P,)`` completion token counts like ``like``: integer or float, finite and >= 0.
+
+    The values are read on the host (one synchronization on CUDA) where
+    :func:`data_checks_enabled`; not while tracing or capturing a CUDA graph.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype == torch.bool or tensor.dtype.is_complex:
+        raise TypeError(
+            f"{name} must be an integer or float tensor of token counts, got dtype {tensor.dtype}"
+        )
+    _check_like(name, tensor, like)
+    if not data_checks_enabled(tensor):
+        return
+    bad = ~torch.isfinite(tensor) | (tensor < 0) if tensor.is_floating_point() else tensor < 0
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be token counts >= 0, found {tensor[bad][0].item()}")
+
+
+def check_preference_inputs(x: PreferenceLossInputs, loss_types: Collection[str], rewards: str) -> None:
+    """The tensors of one ``dpo_fast.preference_loss`` call (``bco_delta`` a float or a tensor,
+    ``chosen_nll`` as given), for its loss types and reward kind (``PreferenceLossSpec``'s
+    ``loss_type`` and ``rewards``). Messages name the arguments of ``preference_loss``."""
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = x[:4]
+    chosen_lengths, rejected_lengths, chosen_nll, bco_delta = x[4:]
+    check_float_pairs("chosen_logps", chosen_logps, None)
+    check_float_pairs("rejected_logps", rejected_logps, chosen_logps)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+    if ref_chosen_logps is not None:
+        if rewards != "log_ratio":
+            raise ValueError(
+                f"{sorted(loss_types)} are reference-free losses: "
+                "pass ref_chosen_logps=None and ref_rejected_logps=None"
+            )
+        check_float_pairs("ref_chosen_logps", ref_chosen_logps, chosen_logps)
+        check_float_pairs("ref_rejected_logps", ref_rejected_logps, chosen_logps)
+    else:
+        needs_ref = sorted(set(loss_types) - REFERENCE_FREE)
+        if needs_ref:
+            raise ValueError(
+                f"{needs_ref} need the reference log-probs: pass ref_chosen_logps and ref_rejected_logps"
+            )
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is None:
+        missing = sorted(set(loss_types) & NEEDS_LENGTHS)
+        if missing:
+            raise ValueError(
+                f"{missing} need the completion token counts: pass chosen_lengths and rejected_lengths"
+            )
+    else:
+        check_token_counts("chosen_lengths", chosen_lengths, chosen_logps)
+        check_token_counts("rejected_lengths", rejected_lengths, chosen_logps)
+    if chosen_nll is not None:
+        if not set(loss_types) & {"orpo", "cpo"}:
+            raise ValueError(f"chosen_nll is used by orpo and cpo only, got loss types {sorted(loss_types)}")
+        _check_logp_dtype("chosen_nll", chosen_nll)
+        if chosen_nll.shape not in ((), chosen_logps.shape):
+            raise ValueError(
+                f"chosen_nll must have shape () or {tuple(chosen_logps.shape)}, got {tuple(chosen_nll.shape)}"
+            )
+        if chosen_nll.device != chosen_logps.device:
+            raise ValueError(
+                f"chosen_nll is on {chosen_nll.device} but chosen_logps is on {chosen_logps.device}"
+            )
+    elif "orpo" in loss_types:
+        raise ValueError("orpo needs chosen_nll, the NLL of the chosen completions")
+    if isinstance(bco_delta, torch.Tensor):
+        _check_logp_dtype("bco_delta", bco_delta)
+        if bco_delta.shape != () or bco_delta.device != chosen_logps.device:
+            raise ValueError(
+                f"bco_delta must be a float or a 0-dim tensor on {chosen_logps.device}, "
+                f"got shape {tuple(bco_delta.shape)} on {bco_delta.device}"
             )

@@ -16,7 +16,7 @@ import torch
 
 from .constants import REFERENCE_FREE
 from .linear_logprobs import linear_sequence_logprobs
-from .preference_loss import _loss_weights, preference_loss
+from .preference_loss import PreferenceLossSpec, preference_loss
 
 
 class FusedLinearPreferenceAux(NamedTuple):
@@ -109,23 +109,23 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     ):
         super().__init__()
         del compiled, chunk_size  # Liger's knobs; see the class docstring
-        # the loss list is validated now; every other option on the first call
-        self.loss_types = tuple(_loss_weights(loss_type, loss_weights))
+        # the loss options are validated here, once, into the spec every call uses
+        self.spec = PreferenceLossSpec(
+            loss_type=loss_type,
+            loss_weights=loss_weights,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            discopop_tau=discopop_tau,
+            simpo_gamma=simpo_gamma,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            bco_delta=bco_delta,
+        )
+        self.loss_types = self.spec.loss_type
         self.alpha = alpha
         self.compute_nll_loss = compute_nll_loss
         self.use_ref_model = use_ref_model
         self.average_log_prob = average_log_prob
-        self.loss_options = {
-            "loss_type": loss_type,
-            "loss_weights": loss_weights,
-            "beta": beta,
-            "label_smoothing": label_smoothing,
-            "discopop_tau": discopop_tau,
-            "simpo_gamma": simpo_gamma,
-            "f_divergence": f_divergence,
-            "f_alpha": f_alpha,
-            "bco_delta": bco_delta,
-        }
         self.head_options = {
             "ignore_index": ignore_index,
             "shift": shift,
@@ -207,7 +207,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             chosen_nll=self.alpha * nll if nll_inside else None,
             # the loss has no C++ backend: "cpp" picks the head's kernels only
             backend="auto" if self.backend == "cpp" else self.backend,
-            **self.loss_options,
+            spec=self.spec,
         )
         loss = out.loss
         if self.compute_nll_loss and not nll_inside:

@@ -19,33 +19,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .tl_math import logit_transform, logit_transform_with_derivative, neg_expm1
+
 # One row streams through SRAM in blocks of this many logits (16 KiB of fp32 per block).
 MAX_BLOCK_V = 4096
 NUM_WARPS = 8
-
-
-@triton.jit
-def _transform(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap(x * scale); tanh(v) is written 2 * sigmoid(2v) - 1 (no tanh in tl)."""
-    z = x * scale
-    if HAS_SOFTCAP:
-        z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
-    return z
-
-
-@triton.jit
-def _transform_with_derivative(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``_transform(x)`` and ``dz/dx``, the same bits of z as ``_transform``."""
-    u = x * scale
-    if HAS_SOFTCAP:
-        s = tl.sigmoid(2.0 * u / softcap)
-        z = softcap * (2.0 * s - 1.0)
-        # d softcap / du = 1 - tanh^2 = 4 s (1 - s), with 1 - s as sigmoid(-2u/c) (no cancellation)
-        dz_dx = 4.0 * s * tl.sigmoid(-2.0 * u / softcap) * scale
-    else:
-        z = u
-        dz_dx = scale
-    return z, dz_dx
 
 
 @triton.jit
@@ -82,7 +60,7 @@ def _logprobs_forward_kernel(
     n_cols = tl.where(valid, V, 0)
 
     x_label = tl.load(row_ptr + safe_label * stride_v, mask=valid, other=0.0).to(tl.float32)
-    z_label = _transform(x_label, scale, softcap, HAS_SOFTCAP)
+    z_label = logit_transform(x_label, scale, softcap, HAS_SOFTCAP)
 
     # Online log-sum-exp: running max m, sum_exp = sum exp(z - m). Statistics rescale with it.
     m = float("-inf")
@@ -96,7 +74,7 @@ def _logprobs_forward_kernel(
         in_row = cols < n_cols
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row, other=float("-inf")).to(tl.float32)
         # softcap(-inf) is finite: re-mask after the transform
-        z = tl.where(in_row, _transform(x, scale, softcap, HAS_SOFTCAP), float("-inf"))
+        z = tl.where(in_row, logit_transform(x, scale, softcap, HAS_SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 0))
         # all -inf so far: shift by 0 instead of -inf, or exp(-inf - -inf) = nan
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -133,13 +111,6 @@ def _logprobs_forward_kernel(
 
 
 @triton.jit
-def _neg_expm1(x):
-    """1 - exp(x) for x <= 0, with a Taylor series near 0 where 1 - exp(x) cancels."""
-    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
-    return tl.where(x > -0.01, series, 1.0 - tl.exp(x))
-
-
-@triton.jit
 def _logprobs_backward_kernel(
     grad_logp_ptr,
     x_ptr,
@@ -171,13 +142,13 @@ def _logprobs_backward_kernel(
     g = tl.where(valid, tl.load(grad_logp_ptr + row), 0.0)
     lse = tl.load(lse_ptr + row)
     # the target-class term in fp32 from the forward's precise log-prob
-    g_label = g * _neg_expm1(tl.load(logp_ptr + row))
+    g_label = g * neg_expm1(tl.load(logp_ptr + row))
     n_cols = tl.where(valid, V, 0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < n_cols, other=0.0).to(tl.float32)
-        z, dz_dx = _transform_with_derivative(x, scale, softcap, HAS_SOFTCAP)
+        z, dz_dx = logit_transform_with_derivative(x, scale, softcap, HAS_SOFTCAP)
         dz = tl.where(cols == label, g_label, -g * tl.exp(z - lse))
         grad = tl.where(valid, dz * dz_dx, 0.0)
         tl.store(

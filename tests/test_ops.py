@@ -76,6 +76,36 @@ def _linear_samples():
     return forward, backward
 
 
+def _preference_loss_samples():
+    """The Triton loss operators' arguments as real calls build them (``forward_arguments``)."""
+    registry.load("preference_loss", "triton")
+    from dpo_fast import PreferenceLossSpec
+    from dpo_fast.ops.preference_loss import forward_arguments
+    from dpo_fast.preference_loss import PreferenceLossInputs
+
+    P = 7
+    c, r, rc, rr = (-1 - 20 * torch.rand(P) for _ in range(4))
+    lengths = torch.randint(1, 9, (P,))
+    calls = [
+        (
+            PreferenceLossInputs(c, r, rc, rr, lengths, lengths + 1, None, torch.tensor(0.2)),
+            "mean",
+            "sigmoid",
+        ),
+        (PreferenceLossInputs(c, r, None, None, lengths, lengths, torch.rand(P), 0.0), "none", "orpo"),
+    ]
+    forward, backward = [], []
+    for inputs, reduction, loss_type in calls:
+        types = [loss_type, "sft", "aot", "sigmoid"] if loss_type == "ipo" else [loss_type]
+        spec = PreferenceLossSpec(loss_type=types, reduction=reduction)
+        x, params, *options = forward_arguments(inputs, spec)
+        forward.append((x.requires_grad_(True), params, *options))
+        grad = torch.randn(P) if reduction == "none" else torch.randn(())
+        loss_mask, rows_present, f_divergence, _, reduction_index = options
+        backward.append((grad, x.detach(), params, loss_mask, rows_present, f_divergence, reduction_index))
+    return forward, backward
+
+
 Sample = tuple[tuple, tuple[str, ...] | None]  # (arguments, the opcheck tests to run; None: all)
 
 
@@ -89,6 +119,9 @@ def _samples() -> dict[str, list[Sample]]:
                 (args, EAGER_ONLY if op == "linear_logprobs" and args[-1] else None) for args in forward
             ]
             samples[f"{op}_backward_{backend}"] = [(args, None) for args in backward]
+    forward, backward = _preference_loss_samples()
+    samples["preference_loss_forward_triton"] = [(args, None) for args in forward]
+    samples["preference_loss_backward_triton"] = [(args, None) for args in backward]
     samples["cached_empty_cpu"] = [(([3, 4], torch.float16), SCHEMA_AND_FAKE)]
     samples["empty_cache_cpu"] = [((), ("test_schema",))]
     return samples

@@ -18,13 +18,19 @@ How TRL's own math is called (there is no standalone loss function in TRL 1.16):
 from __future__ import annotations
 
 import collections
+import dataclasses
+import inspect
 import math
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-from dpo_fast import preference_loss
+from dpo_fast import FusedLinearPreferenceLoss, PreferenceLossSpec, preference_loss, registry
 from dpo_fast.constants import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, REFERENCE_FREE
 
 BACKENDS = ("torch", "triton")
@@ -120,10 +126,14 @@ def check_against_reference(backend: str, kwargs: dict, rtol=2e-5, **options):
 # --------------------------------------------------------------------------- reference ----
 
 
-def test_kernels_implement_every_loss_type():
-    from dpo_fast.kernels.preference_loss import KERNEL_LOSS_TYPES
+def test_kernels_have_a_bit_for_every_loss_type():
+    registry.resolve("preference_loss", "triton", "cpu")
+    from dpo_fast.kernels import preference_loss as kernels
 
-    assert sorted(KERNEL_LOSS_TYPES) == sorted(LOSS_TYPES)
+    for bit, name in enumerate(LOSS_TYPES):
+        assert getattr(kernels, name.upper()).value == bit == kernels.PARAMS.index(name)
+    # the per-call values come last: the op replaces them without rebuilding the spec's
+    assert kernels.PARAMS[-2:] == ("bco_delta", "sft_scale")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,14 +203,14 @@ def test_zero_lengths_clamp_to_one(loss_type):
         assert_close(grads["chosen_logps"], ref_grads["chosen_logps"], 1e-6)
 
 
-def extreme_pairs() -> dict[str, torch.Tensor]:
-    """Every combination of chosen / rejected log-ratios of +-1e4 (policy log-probs <= 0)."""
-    big, small = -1e4, -1e-2
+def extreme_pairs(big: float = -1e4, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Every combination of chosen / rejected log-ratios of +-|big| (policy log-probs <= 0)."""
+    small = -1e-2
     rows = [
         (c, rc, r, rr) for c, rc in ((small, big), (big, small)) for r, rr in ((small, big), (big, small))
     ]
     rows += [(big, big, small, small), (small, small, big, big)]
-    c, rc, r, rr = (torch.tensor(col) for col in zip(*rows, strict=True))
+    c, rc, r, rr = (torch.tensor(col, dtype=dtype) for col in zip(*rows, strict=True))
     ones = torch.ones(len(rows), dtype=torch.int64)
     return {
         "chosen_logps": c,
@@ -212,20 +222,60 @@ def extreme_pairs() -> dict[str, torch.Tensor]:
     }
 
 
+# Every loss type and f-divergence, as the fewest valid calls: a list's loss and gradients are
+# sums of its types', so they are finite exactly when every type's are (an inf or nan in one
+# type's term stays inf or nan in the sum). Lists of one reward kind each; f-divergences only
+# for the types that define them.
+FINITE_CALLS = [
+    (DPO_TRAINER_TYPES, "reverse_kl", 0.5),
+    *((sorted(F_DIVERGENCE_LOSS_TYPES), f_divergence, f_alpha) for f_divergence, f_alpha in F_DIVS),
+    (["simpo", "sft"], "reverse_kl", 0.5),
+    (["cpo"], "reverse_kl", 0.5),
+    (["orpo"], "reverse_kl", 0.5),
+]
+
+
+def _non_finite(backend, kwargs, **options) -> bool:
+    out, grads = run(backend, kwargs, **options, reduction="none")
+    return not (torch.isfinite(out.loss).all() and all(torch.isfinite(g).all() for g in grads.values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_extreme_margins_are_finite(backend):
-    for loss_type in LOSS_TYPES:
-        for beta in (0.1, 1.0):
-            out, grads = run(backend, call_kwargs(loss_type, extreme_pairs()), beta=beta, reduction="none")
-            assert torch.isfinite(out.loss).all(), (loss_type, beta, out.loss)
-            for name, g in grads.items():
-                assert torch.isfinite(g).all(), (loss_type, beta, name, g)
-    for f_divergence, f_alpha in F_DIVS:
-        for loss_type in sorted(F_DIVERGENCE_LOSS_TYPES - {"ipo"}):  # ipo squares a 1e34 score
-            kwargs = call_kwargs(loss_type, extreme_pairs())
-            out, grads = run(backend, kwargs, f_divergence=f_divergence, f_alpha=f_alpha, reduction="none")
-            assert torch.isfinite(out.loss).all(), (loss_type, f_divergence, out.loss)
-            assert all(torch.isfinite(g).all() for g in grads.values()), (loss_type, f_divergence)
+def test_extreme_margins_are_finite(backend, dtype):
+    """Log-ratio margins of +-1e4 and +-1e6: every loss type and f-divergence gives finite losses
+    and gradients in fp32 and bf16 (issue 14: IPO with forward_kl / alpha_divergence overflowed)."""
+    for big in (-1e4, -1e6):
+        for loss_types, f_divergence, f_alpha in FINITE_CALLS:
+            kwargs = call_kwargs(loss_types, extreme_pairs(big, dtype))
+            for beta in (0.1, 1.0):
+                options = {"beta": beta, "f_divergence": f_divergence, "f_alpha": f_alpha}
+                if _non_finite(backend, kwargs, **options):
+                    single = [call_kwargs(t, extreme_pairs(big, dtype)) for t in loss_types]
+                    culprits = [k["loss_type"] for k in single if _non_finite(backend, k, **options)]
+                    pytest.fail(f"non-finite loss or gradient at margins {big}: {culprits} {options}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("f_divergence,f_alpha", [f for f in F_DIVS if f[0] != "js_divergence"])
+def test_ipo_with_exponential_divergences_is_bounded(backend, f_divergence, f_alpha):
+    """IPO squares f-divergence scores that grow like exp(|log-ratio|): the exponent clamp
+    bounds them by SCORE_BOUND, so a pair's loss stays below ~(2 * SCORE_BOUND)^2 and matches
+    the float64 reference, gradient included (zero beyond the clamp)."""
+    from dpo_fast.formulas import SCORE_BOUND
+
+    # log-ratios from 0 to far beyond the clamp (TRL's exponents overflow fp32 past ~88, their
+    # squares past ~44)
+    x = torch.tensor([-1e4, -200.0, -150.0, -60.0, -40.0, -30.0, -3.0, 0.0, 30.0, 60.0, 150.0, 1e4])
+    pairs = make_pairs(len(x))
+    pairs["ref_chosen_logps"] = pairs["chosen_logps"] - x
+    pairs["ref_rejected_logps"] = pairs["rejected_logps"] - 0.7 * x.roll(5)  # no tied rewards
+    kwargs = call_kwargs("ipo", pairs)
+    check_against_reference(backend, kwargs, f_divergence=f_divergence, f_alpha=f_alpha)
+    out, grads = run(backend, kwargs, f_divergence=f_divergence, f_alpha=f_alpha, reduction="none")
+    assert torch.isfinite(grads["chosen_logps"]).all() and torch.isfinite(grads["rejected_logps"]).all()
+    assert out.loss.max() <= (2 * SCORE_BOUND + 1 / (2 * 0.1)) ** 2
+    assert out.loss.max() > SCORE_BOUND  # the clamp bounds, not hides, the large scores
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "discopop", "exo_pair", "orpo"])
@@ -325,21 +375,237 @@ def test_no_grad_and_detached_inputs():
     assert_close(out.loss, ref.loss, 1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile(backend):
-    """Under torch.compile the torch path traces into one graph; the Triton path runs eagerly
-    (a deliberate graph break) with the same results."""
-    kwargs = call_kwargs(["sigmoid", "aot", "sft"], make_pairs(16))
+@pytest.mark.parametrize(
+    ("backend", "compiler"),
+    [(b, c) for c in ("eager", "inductor") for b in BACKENDS] + [("triton", "aot_eager")],
+)
+def test_torch_compile_fullgraph(backend, compiler):
+    """The whole op traces into one graph on both backends (the Triton one through its
+    operators: an opaque custom op under the interpreter, a triton_op Inductor sees on CUDA),
+    with the results and gradients of eager mode. ``aot_eager`` traces the operators' fakes and
+    autograd; ``inductor`` compiles C++ on CPU (slow: a smaller loss list)."""
+    torch._dynamo.reset()
+    loss_type = ["sigmoid", "bco_pair", "sft"] + (["aot"] if compiler != "inductor" else [])
+    kwargs = call_kwargs(loss_type, make_pairs(16))
     c = kwargs.pop("chosen_logps").clone().requires_grad_(True)
+    spec = PreferenceLossSpec(
+        loss_type=kwargs.pop("loss_type"), label_smoothing=kwargs.pop("label_smoothing")
+    )
 
-    def step(chosen):
-        out = preference_loss(chosen, **kwargs, backend=backend)
-        return out.loss, out.metrics["rewards/accuracies"]
+    def step(chosen, bco_delta):
+        out = preference_loss(chosen, **kwargs, backend=backend, spec=spec, bco_delta=bco_delta)
+        return out.loss, out.metrics["rewards/accuracies"], out.chosen_rewards
 
-    compiled = torch.compile(step, backend="eager", fullgraph=backend == "torch")
-    (loss, accuracy), (ref_loss, ref_accuracy) = compiled(c), step(c)
-    assert torch.equal(loss, ref_loss) and torch.equal(accuracy, ref_accuracy)
-    assert torch.equal(torch.autograd.grad(loss, c)[0], torch.autograd.grad(ref_loss, c)[0])
+    compiled = torch.compile(step, backend=compiler, fullgraph=True)
+    delta = torch.tensor(0.3)
+    got, expected = compiled(c, delta), step(c, delta)
+    for a, b in zip(got, expected, strict=True):
+        assert_close(a, b, 1e-6)
+    assert_close(torch.autograd.grad(got[0], c)[0], torch.autograd.grad(expected[0], c)[0], 1e-6)
+
+
+# ------------------------------------------------------------------------------ ORPO ------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_orpo_confident_chosen_has_finite_gradients(backend, dtype):
+    """Issue 14: chosen_logps = -2.75e-11 gave nan gradients on the torch backend (the unselected
+    branch of log1mexp's torch.where has an infinite gradient there)."""
+    pairs = make_pairs(6, min_length=1, dtype=dtype)
+    pairs["chosen_logps"][:3] = torch.tensor([-2.75e-11, -1e-20, -1e-7], dtype=dtype)
+    kwargs = call_kwargs("orpo", pairs)
+    out, grads = run(backend, kwargs, reduction="none")
+    assert torch.isfinite(out.loss).all() and all(torch.isfinite(g).all() for g in grads.values())
+    check_against_reference(backend, kwargs, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_orpo_at_zero_logps_gives_the_limits(backend):
+    """At a chosen log-prob of 0 the log odds are infinite but the loss and gradient have finite
+    limits: loss -> nll, d/dc -> -beta * odds(rejected mean) / chosen tokens, d/dr -> 0. A
+    rejected log-prob of 0 (an infinite loss in exact math) stays finite: mean log-probs clamp
+    at ORPO_MAX_LOGP."""
+    pairs = make_pairs(4, min_length=1)
+    pairs["chosen_logps"][0] = 0.0
+    pairs["rejected_logps"][1] = 0.0
+    pairs["chosen_logps"][2] = pairs["rejected_logps"][2] = 0.0
+    kwargs = call_kwargs("orpo", pairs)
+    nll = 0.5 + torch.rand(4)
+    out, grads = run(backend, {**kwargs, "chosen_nll": nll}, reduction="none", grad_output=torch.ones(4))
+    assert torch.isfinite(out.loss).all() and all(torch.isfinite(g).all() for g in grads.values())
+    ar = pairs["rejected_logps"][0].double() / pairs["rejected_lengths"][0]
+    odds = ar.exp() / -torch.expm1(ar)
+    assert_close(out.loss[0], nll[0], 1e-6)
+    assert_close(grads["chosen_logps"][0], -0.1 * odds / pairs["chosen_lengths"][0], 1e-5)
+    assert abs(float(grads["rejected_logps"][0])) < 1e-20
+    ref, ref_grads = run("torch", to64({**kwargs, "chosen_nll": nll}), reduction="none")
+    assert_close(out.loss, ref.loss, 1e-5)
+    assert_close(grads["chosen_logps"], ref_grads["chosen_logps"], 1e-5)
+
+
+# ---------------------------------------------------------------------------- the spec ------
+
+
+def test_spec_normalizes_and_is_a_value():
+    spec = PreferenceLossSpec(loss_type=["sigmoid", "sft", "sigmoid"], loss_weights=[0.3, 1, 0.4], beta=1)
+    assert spec.loss_type == ("sigmoid", "sft") and spec.loss_weights == (0.7, 1.0)
+    assert spec.beta == 1.0 and isinstance(spec.beta, float) and spec.rewards == "log_ratio"
+    same = PreferenceLossSpec(loss_type=("sigmoid", "sft"), loss_weights=(0.7, 1.0), beta=1.0)
+    assert spec == same and hash(spec) == hash(same)
+    assert PreferenceLossSpec("orpo").rewards == "policy_mean"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.beta = 0.5
+
+
+def test_keyword_defaults_are_the_spec_defaults():
+    defaults = {f.name: f.default for f in dataclasses.fields(PreferenceLossSpec) if f.init}
+    parameters = inspect.signature(preference_loss).parameters
+    assert {name: parameters[name].default for name in defaults} == defaults
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"beta": 0.0}, ValueError, "beta must be"),
+        ({"loss_type": "dpo"}, ValueError, "unknown loss_type"),
+        ({"loss_type": ["ipo", "orpo"]}, ValueError, "define rewards differently"),
+        ({"simpo_gamma": math.inf}, ValueError, "simpo_gamma must be a finite number"),
+        ({"bco_delta": math.nan}, ValueError, "bco_delta must be a finite number"),
+        ({"f_alpha": math.nan}, ValueError, "f_alpha must be a finite number"),
+        ({"loss_weights": [math.inf]}, ValueError, "loss_weights must be finite"),
+        ({"loss_type": 3}, TypeError, "loss_type must be a loss name"),
+        ({"label_smoothing": "0.1"}, ValueError, "label_smoothing must be in"),
+        ({"bco_delta": torch.tensor(0.1)}, TypeError, "pass a 0-dim tensor as preference_loss"),
+    ],
+)
+def test_spec_validates_when_built(options, error, match):
+    with pytest.raises(error, match=match):
+        PreferenceLossSpec(**options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spec_call_equals_keyword_call(backend):
+    kwargs = call_kwargs(["sigmoid", "bco_pair"], make_pairs(9))
+    options = {"loss_type": kwargs.pop("loss_type"), "label_smoothing": kwargs.pop("label_smoothing")}
+    spec = PreferenceLossSpec(**options, beta=0.3, loss_weights=[1.0, 0.5], reduction="sum")
+    for delta in (0.0, torch.tensor(0.2)):  # a tensor bco_delta is a per-call value
+        keywords = preference_loss(
+            **kwargs,
+            **options,
+            beta=0.3,
+            loss_weights=[1.0, 0.5],
+            reduction="sum",
+            bco_delta=delta,
+            backend=backend,
+        )
+        with_spec = preference_loss(**kwargs, spec=spec, bco_delta=delta, backend=backend)
+        assert torch.equal(keywords.loss, with_spec.loss)
+        assert keywords.metrics.keys() == with_spec.metrics.keys()
+
+
+def test_spec_and_keywords_are_not_mixed():
+    kwargs = call_kwargs("sigmoid", make_pairs(3))
+    kwargs.pop("loss_type"), kwargs.pop("label_smoothing")
+    with pytest.raises(ValueError, match=r"not both: got spec and \['beta'\]"):
+        preference_loss(**kwargs, spec=PreferenceLossSpec(), beta=0.2)
+    with pytest.raises(ValueError, match=r"\['bco_delta'\]"):
+        preference_loss(**kwargs, spec=PreferenceLossSpec(bco_delta=0.1), bco_delta=torch.tensor(0.1))
+    with pytest.raises(TypeError, match="spec must be a PreferenceLossSpec"):
+        preference_loss(**kwargs, spec={"beta": 0.1})
+
+
+def test_fused_linear_loss_validates_its_spec_once():
+    with pytest.raises(ValueError, match="beta must be"):
+        FusedLinearPreferenceLoss(beta=-1.0)
+    module = FusedLinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.2)
+    assert module.spec == PreferenceLossSpec(loss_type=["sigmoid", "sft"], beta=0.2)
+
+
+# ----------------------------------------------------------------------------- the op -------
+
+
+def test_loss_weights_and_options_are_runtime_values(monkeypatch):
+    """One compiled kernel per set of loss types: changing the weights (or beta) changes the
+    results but none of the kernels' compile-time arguments (the GPU test checks Triton's
+    cache itself)."""
+    registry.resolve("preference_loss", "triton", "cpu")
+    from dpo_fast.kernels import preference_loss as kernels
+
+    launches = []
+    for kernel in (kernels._preference_loss_forward_kernel, kernels._preference_loss_backward_kernel):
+        real_run = kernel.run
+
+        def spy(*args, real_run=real_run, **kw):
+            launches.append({k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)})
+            return real_run(*args, **kw)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    kwargs = call_kwargs(["sigmoid", "bco_pair", "sft"], make_pairs(6))
+    losses = []
+    for weights, beta in (([0.8, 0.2, 1.0], 0.1), ([0.1, 0.5, 2.0], 0.3)):
+        out, _ = run("triton", kwargs, loss_weights=weights, beta=beta)
+        losses.append(out.loss)
+    assert len(launches) == 4 and launches[0] == launches[2] and launches[1] == launches[3]
+    assert "LOSS_MASK" in launches[0] and not torch.equal(losses[0], losses[1])
+
+
+def test_triton_double_backward_is_refused():
+    kwargs = call_kwargs("sigmoid", make_pairs(4))
+    c = kwargs.pop("chosen_logps").clone().requires_grad_(True)
+    loss = preference_loss(c, **kwargs, backend="triton").loss
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, c, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_tensors_trace_without_value_checks(backend):
+    """Under FakeTensorMode (as torch.compile traces) the value checks are skipped and every
+    output has its shape; negative counts are not seen (they have no values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        pairs = make_pairs(5)
+        pairs["chosen_lengths"] = pairs["chosen_lengths"] - 100
+        out, grads = run(backend, call_kwargs(["sigmoid", "sft", "aot"], pairs), reduction="none")
+    assert out.loss.shape == out.chosen_rewards.shape == grads["chosen_logps"].shape == (5,)
+    assert all(value.shape == () for value in out.metrics.values())
+
+
+def test_cpu_auto_builds_nothing_and_warns_nothing(tmp_path):
+    """On CPU, backend="auto" runs the PyTorch loss: no C++ build (no compiler here), no
+    warning; "cpp" is not a loss backend."""
+    code = """
+import warnings
+warnings.simplefilter("error")
+import torch, dpo_fast
+from dpo_fast import registry
+from dpo_fast.ops import cpp
+c = (-torch.rand(4) * 5).requires_grad_()
+out = dpo_fast.preference_loss(c, -torch.rand(4), -torch.rand(4), -torch.rand(4), loss_type=["ipo", "sft"],
+                               chosen_lengths=torch.ones(4), rejected_lengths=torch.ones(4))
+out.loss.backward()
+assert torch.isfinite(c.grad).all()
+assert not cpp.loaded() and registry.unavailable_reason("cpp") is None, registry.unavailable_reason("cpp")
+try:
+    dpo_fast.preference_loss(c, c, c, c, backend="cpp")
+except ValueError as error:
+    print(error)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPO_FAST_BACKEND")}
+    env.update(
+        CXX=str(tmp_path / "no-compiler"),
+        CC=str(tmp_path / "no-compiler"),
+        TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "preference_loss has no 'cpp' backend" in result.stdout
+    assert "arning" not in result.stderr, result.stderr
+    assert not (tmp_path / "extensions").exists()
 
 
 # ------------------------------------------------------------------------------- TRL ------
@@ -595,6 +861,24 @@ def test_orpo_matches_trl():
         ({"loss_type": ["simpo", "sigmoid"]}, ValueError, "define rewards differently"),
         ({"loss_type": ["simpo", "cpo"]}, ValueError, "define rewards differently"),
         ({"chosen_lengths": torch.zeros(4, dtype=torch.bool)}, TypeError, "token counts"),
+        # issue 14: negative counts were accepted
+        (
+            {"chosen_lengths": torch.tensor([1, -2, 3, 4])},
+            ValueError,
+            "chosen_lengths must be token counts >= 0, found -2",
+        ),
+        (
+            {"rejected_lengths": torch.tensor([1.0, math.nan, 3.0, 4.0])},
+            ValueError,
+            "rejected_lengths must be token counts >= 0, found nan",
+        ),
+        (
+            {"chosen_lengths": torch.ones(4, 1)},
+            ValueError,
+            "chosen_lengths must have the shape of chosen_logps",
+        ),
+        ({"simpo_gamma": math.inf, "loss_type": "simpo"}, ValueError, "simpo_gamma must be a finite number"),
+        ({"backend": "cpp"}, ValueError, "preference_loss has no 'cpp' backend"),
         ({"f_divergence": "kl"}, ValueError, "f_divergence must be one of"),
         (
             {"f_divergence": "js_divergence", "loss_type": "nca_pair"},
@@ -649,17 +933,22 @@ def test_gpu_matches_reference_at_size(loss_type):
 
 @pytest.mark.gpu
 def test_gpu_no_host_sync_and_cuda_graph():
+    """No host synchronization (the token counts' values are checked eagerly, one read: this
+    call has none) and a CUDA graph capture, where the value checks are skipped, replays with
+    the results of eager calls."""
     pairs = make_pairs(512, device="cuda")
-    kwargs = call_kwargs(["sigmoid", "aot", "sft"], pairs)
-    c = kwargs.pop("chosen_logps").clone().requires_grad_(True)
-    preference_loss(c, **kwargs).loss.backward()  # compile outside the checks
+    no_counts = call_kwargs(["sigmoid", "aot"], {k: v for k, v in pairs.items() if "lengths" not in k})
+    c = no_counts.pop("chosen_logps").clone().requires_grad_(True)
+    preference_loss(c, **no_counts).loss.backward()  # compile outside the checks
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = preference_loss(c, **kwargs)
+        out = preference_loss(c, **no_counts)
         out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    kwargs = call_kwargs(["sigmoid", "aot", "sft"], pairs)
+    kwargs.pop("chosen_logps")
     graph = torch.cuda.CUDAGraph()
     static = c.detach().clone()
     stream = torch.cuda.Stream()
@@ -674,3 +963,52 @@ def test_gpu_no_host_sync_and_cuda_graph():
     expected = preference_loss(c.detach() - 1.0, **kwargs).loss
     assert torch.equal(captured, expected)
     assert math.isfinite(float(expected))
+
+
+@pytest.mark.gpu
+def test_gpu_one_compiled_kernel_per_set_of_loss_types():
+    """Weights and options are run-time values: new values reuse the compiled kernels; only a
+    new set of loss types compiles new ones."""
+    from dpo_fast.kernels import preference_loss as kernels
+
+    kwargs = call_kwargs(["sigmoid", "bco_pair", "sft"], make_pairs(300, device="cuda"))
+    forward, backward = kernels._preference_loss_forward_kernel, kernels._preference_loss_backward_kernel
+
+    def compiled() -> int:
+        device = torch.cuda.current_device()
+        return len(forward.device_caches[device][0]) + len(backward.device_caches[device][0])
+
+    run("triton", kwargs, loss_weights=[0.8, 0.2, 1.0])
+    before = compiled()
+    for weights, beta in (([0.1, 0.5, 2.0], 0.1), ([1.0, 1.0, 0.0], 0.7)):
+        run("triton", kwargs, loss_weights=weights, beta=beta, bco_delta=0.2)
+    assert compiled() == before
+    run("triton", {**kwargs, "loss_type": ["sigmoid", "sft"]})
+    assert compiled() == before + 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_gpu_torch_compile_triton(compiler):
+    """Compiled Triton kernels under torch.compile(fullgraph=True): Inductor's generated code
+    launches our kernels itself (triton_op), with the results and gradients of eager mode."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    kwargs = call_kwargs(["sigmoid", "aot", "sft", "bco_pair"], make_pairs(777, device="cuda"))
+    c = kwargs.pop("chosen_logps").clone().requires_grad_(True)
+
+    def fn(chosen):
+        out = preference_loss(chosen, **kwargs, backend="triton")
+        return out.loss, out.metrics["rewards/margins"], out.chosen_rewards
+
+    compiled = torch.compile(fn, backend=compiler, fullgraph=True)
+    if compiler == "inductor":
+        got, code = run_and_get_code(compiled, c)
+        assert "_preference_loss_forward_kernel" in "\n".join(code)
+    else:
+        got = compiled(c)
+    expected = fn(c)
+    for a, b in zip(got, expected, strict=True):
+        assert_close(a.cpu(), b.cpu(), 1e-6)
+    assert_close(torch.autograd.grad(got[0], c)[0].cpu(), torch.autograd.grad(expected[0], c)[0].cpu(), 1e-6)
