@@ -67,3 +67,13 @@ def input_gradients(op_name: str, **grads: torch.Tensor | None) -> tuple[torch.T
     if unknown:
         raise KeyError(f"{op_name} has no arguments {sorted(unknown)}")
     return tuple(grads.get(name) for name in names)
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raise when autograd asks for a differentiable gradient (``create_graph=True``): the
+    backward operators compute the gradient, they do not differentiate it."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"dpo_fast's {op} op has no double backward: its gradient is computed by a kernel, not "
+            "by differentiable operations; call backward without create_graph=True"
+        )

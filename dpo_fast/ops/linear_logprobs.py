@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import registry
 from . import logprobs as logprobs_op
-from .library import custom_op, input_gradients, stat_fakes
+from .library import custom_op, input_gradients, refuse_double_backward, stat_fakes
 
 # Upper bound on one (chunk, V) logits tile, in bytes; the only [*, V] buffer alive.
 # GPU: every chunk adds its product into the fp32 (V, H) weight-gradient accumulator, which
@@ -289,7 +289,7 @@ def _register_autograd(backend: str) -> None:
         ctx.mark_non_differentiable(lse, *stat_values, tile)
 
     def backward_formula(ctx, grad_logp, grad_lse, grad_stats, grad_tile):
-        logprobs_op.refuse_double_backward("linear_logprobs")
+        refuse_double_backward("linear_logprobs")
         hidden, weight, bias, labels, logp, lse = ctx.saved_tensors
         compute_dtype = ctx.options[-1]
         tile, ctx.tile = ctx.tile, None

@@ -32,7 +32,7 @@ import torch
 from .. import registry
 from ..formulas import rows_backward, rows_forward
 from . import cpp
-from .library import custom_op, input_gradients, stat_fakes, stat_names, triton_op
+from .library import custom_op, input_gradients, refuse_double_backward, stat_fakes, stat_names, triton_op
 
 # Elements of [rows, V] fp32 softmax alive per chunk of the PyTorch backend (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
@@ -134,16 +134,6 @@ def new_buffer(
     if backend == "cpp":
         return cpp.empty(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def refuse_double_backward(op: str) -> None:
-    """Raise when autograd asks for a differentiable gradient (``create_graph=True``): the
-    backward operators compute the gradient, they do not differentiate it."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"dpo_fast's {op} op has no double backward: its gradient is computed by a kernel, not "
-            "by differentiable operations; call backward without create_graph=True"
-        )
 
 
 def _register_autograd(backend: str) -> None:

@@ -31,8 +31,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import formulas, registry
 from ..constants import F_DIVERGENCES, LOSS_TYPES, REDUCTIONS, REWARD_KINDS
-from .library import input_gradients, triton_op
-from .logprobs import refuse_double_backward
+from .library import input_gradients, refuse_double_backward, triton_op
 
 if TYPE_CHECKING:
     from ..preference_loss import PreferenceLossInputs, PreferenceLossSpec
