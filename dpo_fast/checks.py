@@ -8,6 +8,7 @@ reaches a kernel as a silent wrong answer or a crash.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -41,9 +42,14 @@ def data_checks_enabled(tensor: torch.Tensor) -> bool:
     graph capture, and not on meta or fake tensors (which have no values), so every public
     function traces and runs under ``FakeTensorMode`` unchanged.
     """
-    if torch.compiler.is_compiling() or tensor.is_meta or is_fake(tensor):
+    if torch.compiler.is_compiling() or not has_values(tensor):
         return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def has_values(tensor: torch.Tensor) -> bool:
+    """False for meta and fake tensors, which carry a shape, a dtype and a device but no values."""
+    return not (tensor.is_meta or is_fake(tensor))
 
 
 def check_float_tensor(name: str, tensor: object, min_dim: int) -> None:
@@ -78,6 +84,8 @@ def check_labels(
         )
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {source} is on {device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not data_checks_enabled(labels) or labels.numel() == 0:
         return
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
@@ -88,14 +96,34 @@ def check_labels(
         )
 
 
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
 def check_transform(temperature: float, softcap: float | None, logit_scale: float = 1.0) -> None:
-    """``temperature`` > 0, ``softcap`` None or > 0, ``logit_scale`` finite and non-zero."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    if not (logit_scale == logit_scale and abs(logit_scale) not in (0.0, float("inf"))):
-        raise ValueError(f"logit_scale must be finite and non-zero, got {logit_scale}")
+    """``temperature`` finite and > 0, ``softcap`` None or finite and > 0, ``logit_scale`` finite
+    and non-zero, and their quotient ``logit_scale / temperature`` (the kernels' scale) finite.
+
+    Non-finite values never reach a kernel: ``softcap=inf`` would compute ``inf * tanh(z / inf)``
+    = ``inf * 0`` = NaN everywhere (soft-capping off is ``softcap=None``).
+    """
+    _check_real("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if softcap is not None:
+        _check_real("softcap", softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be None (no soft-capping) or a finite number > 0, got {softcap}")
+    _check_real("logit_scale", logit_scale)
+    if not (math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
+    scale = logit_scale / temperature
+    if not (math.isfinite(scale) and scale != 0):
+        raise ValueError(
+            f"logit_scale / temperature must be finite and non-zero (the logits are multiplied by it), "
+            f"got logit_scale={logit_scale} / temperature={temperature} = {scale}"
+        )
 
 
 def check_stats(stats: Iterable[str]) -> tuple[str, ...]:
@@ -109,18 +137,47 @@ def check_stats(stats: Iterable[str]) -> tuple[str, ...]:
     return stats
 
 
-def check_segment_ids(segment_ids: object, expected_shape: tuple[int, ...], device: torch.device) -> None:
-    """``segment_ids`` is an integer tensor of the labels' shape (-1 = not scored)."""
+def check_segment_ids(
+    segment_ids: object, expected_shape: tuple[int, ...], device: torch.device, num_segments: object
+) -> None:
+    """``segment_ids`` is an integer tensor of the labels' shape on their device (-1 = not
+    scored); ``num_segments`` is None or an int >= 0."""
     if not isinstance(segment_ids, torch.Tensor):
         raise TypeError(f"segment_ids must be a torch.Tensor, got {type(segment_ids).__name__}")
-    if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
         raise TypeError(f"segment_ids must be an integer tensor, got dtype {segment_ids.dtype}")
     if tuple(segment_ids.shape) != tuple(expected_shape):
         raise ValueError(
             f"segment_ids must have the labels' shape {tuple(expected_shape)}, got {tuple(segment_ids.shape)}"
         )
     if segment_ids.device != device:
-        raise ValueError(f"segment_ids are on {segment_ids.device} but the logits are on {device}")
+        raise ValueError(f"segment_ids are on {segment_ids.device} but the labels are on {device}")
+    if num_segments is None:
+        return
+    if isinstance(num_segments, bool) or not isinstance(num_segments, (int, torch.SymInt)):
+        raise TypeError(f"num_segments must be None or an int, got {type(num_segments).__name__}")
+    if num_segments < 0:
+        raise ValueError(f"num_segments must be None or an int >= 0, got {num_segments}")
+
+
+def check_segment_values(segment_ids: torch.Tensor, scored: torch.Tensor, num_segments: int) -> None:
+    """Every id of ``segment_ids`` is >= -1 and every id at a ``scored`` position is below
+    ``num_segments``: an id outside ``[-1, num_segments)`` would drop its tokens from every sum.
+
+    A data check: it reads two values on the host, and runs only where
+    :func:`data_checks_enabled`.
+    """
+    if not data_checks_enabled(segment_ids) or segment_ids.numel() == 0:
+        return
+    scored_ids = torch.where(scored, segment_ids, -1)
+    lowest, highest = (int(v) for v in torch.stack((segment_ids.min(), scored_ids.max())).tolist())
+    if lowest < -1:
+        raise ValueError(f"segment_ids must be >= 0 (a segment) or -1 (not scored), found {lowest}")
+    if highest >= num_segments:
+        raise ValueError(
+            f"num_segments={num_segments} is too small: segment_ids holds segment {highest} at a scored "
+            f"position (ids must be < num_segments, or pass num_segments=None to count them)"
+        )
 
 
 def check_linear_head(hidden: object, weight: object, bias: object) -> None:
@@ -155,7 +212,8 @@ def check_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     """The dtype the lm_head's matmuls run in: the autocast dtype when autocast is on; otherwise
     ``hidden``, ``weight`` and ``bias`` must share one dtype, which is returned."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    # meta tensors have no autocast (and torch.is_autocast_enabled("meta") raises)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype != hidden.dtype:
@@ -195,6 +253,13 @@ def check_batch(batch: object, layout: str) -> str:
     check_layout(layout)
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and not torch.compiler.is_compiling() and not has_values(ids):
+        # (torch.compile traces it: the lowering graph-breaks and runs on the real batch)
+        raise ValueError(
+            f"batch['input_ids'] is a {'meta' if ids.is_meta else 'fake'} tensor: which positions are "
+            "scored depends on the batch's values, so a batch must hold real tensors"
+        )
     if "sequence_ids" in batch:
         if layout == "padded":
             raise ValueError("layout='padded' got a packed/prefix-shared batch (it has 'sequence_ids')")

@@ -4,14 +4,19 @@ DPO's reference model is frozen, so its chosen/rejected log-probs are a fixed fu
 data: computing them once frees the reference model's memory and its forward from every
 training step. :func:`precompute_reference_logps` runs the reference model forward-only
 through :func:`dpo_fast.concatenated_forward` (``grad=False``: no autograd state) and,
-given a ``cache`` path, saves the result with two fingerprints: one of the model's weights
-and one of the collated batches (token ids and masks, so a change of tokenizer, truncation
-or data shows). A cache whose fingerprints differ is reported and recomputed, never reused.
+given a ``cache`` path, saves the result with a key of everything the values depend on
+(:func:`cache_key`): the model's weights, buffers and dtypes, its configuration (which holds
+e.g. ``rope_theta`` and the head's transforms) and adapter state, the collated batches
+(token ids and masks: any change of data, tokenizer, truncation, collator settings or batch
+size shows), the layout, the backend, device and autocast, and the library versions. A cache
+whose key differs is reported, naming what changed, and recomputed: never reused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,16 +24,21 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import transformers
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from .checks import check_layout
+from . import registry
+from .checks import check_layout, has_values
 from .collate import PreferenceCollator
 from .hf import concatenated_forward
+from .hf.model import head_transforms, text_config, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+# entries of the cache key that are SHA-256 fingerprints (named in a warning, not shown)
+FINGERPRINTS = ("model weights and dtypes", "model config", "data")
 
 
 class ReferenceLogps(NamedTuple):
@@ -47,11 +57,62 @@ def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's class, parameter and buffer names, dtypes, shapes and values."""
+    """SHA-256 of the model's class and of the names, dtypes, shapes and values of every tensor
+    its forward reads: parameters and all buffers (non-persistent ones too, such as the rotary
+    embedding's ``inv_freq``, which ``rope_theta`` sets and the state dict leaves out)."""
     digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
         _hash_tensor(digest, name, tensor)
     return digest.hexdigest()
+
+
+def config_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of what configures the model beyond its tensors: every field of its
+    transformers config (``rope_theta``, Granite's ``logits_scaling``, soft-capping, ...), its
+    attention implementation, the head transforms dpo_fast reads from it, and PEFT adapters'
+    configs and state (which adapters are active, or disabled as for a reference pass)."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    parts = [
+        config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config),
+        repr(getattr(config, "_attn_implementation", None)),
+        repr([t.describe() for t in head_transforms(text_config(base))]),
+    ]
+    for name, adapter in sorted((getattr(model, "peft_config", None) or {}).items()):
+        fields = adapter.to_dict() if hasattr(adapter, "to_dict") else vars(adapter)
+        parts.append(f"{name}={json.dumps(fields, sort_keys=True, default=repr)}")
+    for name, module in model.named_modules():
+        if hasattr(module, "disable_adapters") and hasattr(module, "active_adapters"):  # PEFT's tuner layers
+            parts.append(f"{name}:{module.disable_adapters}:{module.active_adapters}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cache_key(model: nn.Module, layout: str, backend: str, check: bool) -> dict[str, str]:
+    """Everything besides the data that the reference log-probs depend on, by the name a stale
+    cache's warning gives it: fingerprints of the model's tensors and configuration, and the
+    settings of the pass (whose values differ at the level of rounding, which a cache must not
+    hide either)."""
+    from . import __version__  # (dpo_fast/__init__.py imports this module)
+
+    device = next(model.parameters()).device
+    autocast = (
+        str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
+        if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+        else "off"
+    )
+    return {
+        "model weights and dtypes": model_fingerprint(model),
+        "model config": config_fingerprint(model),
+        "layout": layout,
+        "backend": registry.resolve("linear_logprobs", backend, device.type),
+        "device": device.type,
+        "autocast": autocast,
+        "self-check": "on" if check else "off",
+        "library versions": (
+            f"dpo_fast {__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+        ),
+    }
 
 
 def _batches(
@@ -105,22 +166,31 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _load_cache(path: Path, model_fp: str, data_fp: str) -> ReferenceLogps | None:
-    """The cached result when it matches both fingerprints; None (with a warning) otherwise."""
+def _stale_fields(saved: object, key: dict[str, str]) -> list[str]:
+    """What differs between a loaded cache and ``key`` (the data fingerprint included)."""
+    if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        return [f"file format {found!r} -> {CACHE_FORMAT}"]
+    stale = []
+    saved_key = saved.get("key", {})
+    for name, value in key.items():
+        before = saved_key.get(name)
+        if before != value:
+            stale.append(name if name in FINGERPRINTS else f"{name} {before!r} -> {value!r}")
+    return stale
+
+
+def _load_cache(path: Path, key: dict[str, str]) -> ReferenceLogps | None:
+    """The cached result when its key equals ``key``; None (with a warning naming what
+    changed) otherwise."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        stale = [
-            what
-            for what, key, expected in (("model weights", "model", model_fp), ("data", "data", data_fp))
-            if saved.get(key) != expected
-        ]
-        if saved.get("format") != CACHE_FORMAT:
-            stale.append("file format")
+        stale = _stale_fields(saved, key)
     except Exception as error:  # a truncated or foreign file is as good as no cache
         stale = [f"unreadable ({type(error).__name__}: {error})"]
     if stale:
         warnings.warn(
-            f"reference log-prob cache {path} is stale ({', '.join(stale)} changed): recomputing it",
+            f"reference log-prob cache {path} is stale ({'; '.join(stale)} changed): recomputing it",
             stacklevel=3,
         )
         return None
@@ -152,9 +222,10 @@ def precompute_reference_logps(
         batch_size: pairs per forward when ``data`` is a sequence.
         collator: turns a list of examples into a batch (e.g. a ``PreferenceCollator`` with a
             tokenizer for string examples).
-        cache: a file to save the result to and load it from. It is reused only when both
-            the model weights and the collated data are identical (SHA-256 fingerprints);
-            otherwise a warning names what changed and the result is recomputed and saved.
+        cache: a file to save the result to and load it from. It is reused only when
+            everything the values depend on is identical (:func:`cache_key` and the collated
+            data, SHA-256 fingerprints); otherwise a warning names what changed and the result
+            is recomputed and saved.
         progress: show a progress bar.
         check, backend: as :func:`dpo_fast.concatenated_forward`.
 
@@ -162,17 +233,19 @@ def precompute_reference_logps(
         :class:`ReferenceLogps` ``(chosen, rejected)``: float32 CPU tensors ``(N,)``, N pairs.
     """
     check_layout(layout)
+    device = next(model.parameters()).device
+    if not has_values(next(model.parameters())):
+        raise ValueError(f"model's parameters are on the {device} device: load its weights first")
     batches = _batches(data, collator, layout, batch_size)
     if cache is not None:
         cache = Path(cache)
-        model_fp, data_fp = model_fingerprint(model), data_fingerprint(batches())
+        key = {**cache_key(model, layout, backend, check), "data": data_fingerprint(batches())}
         if cache.is_file():
-            cached = _load_cache(cache, model_fp, data_fp)
+            cached = _load_cache(cache, key)
             if cached is not None:
                 logger.info("reference log-probs loaded from %s", cache)
                 return cached
 
-    device = next(model.parameters()).device
     chosen, rejected = [], []
     was_training = model.training
     model.eval()
@@ -196,7 +269,7 @@ def precompute_reference_logps(
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         torch.save(
-            {"format": CACHE_FORMAT, "model": model_fp, "data": data_fp, **result._asdict()},
+            {"format": CACHE_FORMAT, "key": key, **result._asdict()},
             tmp,
         )
         tmp.replace(cache)  # atomic: an interrupted save never leaves a half-written cache

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_segment_ids
+from .checks import check_segment_ids, check_segment_values, data_checks_enabled
 
 # Elements of the (segments x tokens) one-hot alive per step.
 _ONE_HOT_ELEMENTS = 1 << 24
 
 
 def count_segments(segment_ids: torch.Tensor) -> int:
-    """``max(segment_ids) + 1`` (0 when empty). Reads one value on the host."""
+    """``max(segment_ids) + 1`` (0 when empty). Reads one value on the host.
+
+    Raises:
+        ValueError: ``segment_ids`` has no values to read: a meta or fake tensor, or a CUDA
+            graph being captured (``torch.compile`` reads it through a graph break).
+    """
+    if not (torch.compiler.is_compiling() or data_checks_enabled(segment_ids)):
+        raise ValueError(
+            "num_segments must be given for meta or fake segment_ids and during CUDA graph capture: "
+            "its default, max(segment_ids) + 1, reads their values"
+        )
     return int(segment_ids.max().item()) + 1 if segment_ids.numel() else 0
 
 
@@ -61,19 +71,21 @@ def sequence_sums(
         labels: the validated, unshifted ``(..., T)`` labels.
         ignore_index, shift, segment_ids, num_segments, average: as ``dpo_fast.sequence_logprobs``.
     """
-    expected_shape = tuple(labels.shape)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, tuple(labels.shape), labels.device, num_segments)
     if shift:
         labels = labels[..., 1:]
     scored = labels != ignore_index
     if segment_ids is None:
         logps, num_tokens = per_token.sum(-1), scored.sum(-1)
     else:
-        check_segment_ids(segment_ids, expected_shape, labels.device)
+        segment_ids = segment_ids.to(torch.int64)  # -1 below needs a signed type
         if shift:
             segment_ids = segment_ids[..., 1:]
-        segment_ids = torch.where(scored, segment_ids, -1)
         if num_segments is None:
-            num_segments = count_segments(segment_ids)
+            num_segments = count_segments(torch.where(scored, segment_ids, -1))
+        check_segment_values(segment_ids, scored, num_segments)
+        segment_ids = torch.where(scored, segment_ids, -1)
         logps = segment_sum(per_token, segment_ids, num_segments)
         num_tokens = segment_sum(scored, segment_ids, num_segments)
     if average:

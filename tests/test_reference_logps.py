@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dpo_fast.reference_logps as reference_logps
+from dpo_fast import registry
 from dpo_fast.collate import PreferenceCollator
 from dpo_fast.reference_logps import (
     data_fingerprint,
@@ -192,3 +193,103 @@ def test_bad_arguments():
         precompute_reference_logps(model, iter(random_examples(2)))
     with pytest.raises(ValueError, match="no examples"):
         precompute_reference_logps(model, [], progress=False)
+
+
+def _granite(logits_scaling: float):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logits_scaling=logits_scaling,
+    )
+    return GraniteForCausalLM(config).float()
+
+
+@pytest.mark.parametrize(
+    "make, changed",
+    [
+        (lambda value: tiny_llama(rope_theta=value), (10000.0, 50.0)),
+        (_granite, (1.0, 4.0)),  # Granite divides its logits by logits_scaling, a config field only
+    ],
+    ids=["llama-rope_theta", "granite-logits_scaling"],
+)
+def test_cache_stale_when_only_the_config_changes(tmp_path, forward_calls, make, changed):
+    """The same weights under a changed config give other log-probs: the cache must not be reused."""
+    before, after = make(changed[0]), make(changed[1])
+    after.load_state_dict(before.state_dict())
+    examples = random_examples(3)
+    cache = tmp_path / "ref.pt"
+    first = precompute_reference_logps(before, examples, cache=cache, progress=False)
+    with pytest.warns(UserWarning, match="stale .*model config"):
+        second = precompute_reference_logps(after, examples, cache=cache, progress=False)
+    assert len(forward_calls) == 2
+    assert not torch.allclose(first.chosen, second.chosen), "the config change must change the values"
+    expected, _ = naive_logps(copy.deepcopy(after), examples)
+    torch.testing.assert_close(second.chosen.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_stale_when_the_settings_change(tmp_path, forward_calls, monkeypatch):
+    model, examples = tiny_llama(), random_examples(2)
+    cache = tmp_path / "ref.pt"
+    precompute_reference_logps(model, examples, cache=cache, progress=False)
+    with pytest.warns(UserWarning, match="stale .*layout 'padded' -> 'packed'"):
+        precompute_reference_logps(model, examples, layout="packed", cache=cache, progress=False)
+    auto = registry.resolve("linear_logprobs", "auto", "cpu")  # cpp, or torch without a compiler
+    other = "torch" if auto != "torch" else "triton"
+    with pytest.warns(UserWarning, match=f"stale .*backend '{auto}' -> '{other}'"):
+        precompute_reference_logps(
+            model, examples, layout="packed", cache=cache, progress=False, backend=other
+        )
+    stale_autocast = pytest.warns(UserWarning, match="stale .*autocast 'off' -> 'bfloat16'")
+    with stale_autocast, torch.autocast("cpu", dtype=torch.bfloat16):
+        precompute_reference_logps(
+            model, examples, layout="packed", cache=cache, progress=False, backend=other
+        )
+    monkeypatch.setattr("dpo_fast.__version__", "99.0")
+    with pytest.warns(UserWarning, match="stale .*library versions 'dpo_fast .* -> 'dpo_fast 99.0"):
+        precompute_reference_logps(
+            model, examples, layout="packed", cache=cache, progress=False, backend=other
+        )
+    with pytest.warns(UserWarning, match=r"stale \(model weights and dtypes changed\)"):
+        precompute_reference_logps(
+            model.to(torch.bfloat16), examples, layout="packed", cache=cache, progress=False, backend=other
+        )
+    assert len(forward_calls) == 6
+
+
+def test_cache_stale_when_peft_adapters_are_disabled(tmp_path, forward_calls):
+    """A PEFT model's reference pass often runs with its adapters disabled: same tensors, other values."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    examples = random_examples(2)
+    cache = tmp_path / "ref.pt"
+    with_adapters = precompute_reference_logps(model, examples, cache=cache, progress=False)
+    with model.disable_adapter(), pytest.warns(UserWarning, match="stale .*model config"):
+        without = precompute_reference_logps(model, examples, cache=cache, progress=False)
+    assert len(forward_calls) == 2
+    assert not torch.allclose(with_adapters.chosen, without.chosen)
+
+
+def test_cache_of_an_older_format_is_recomputed(tmp_path, forward_calls):
+    cache = tmp_path / "ref.pt"
+    torch.save(
+        {"format": 1, "model": "x", "data": "y", "chosen": torch.zeros(2), "rejected": torch.zeros(2)}, cache
+    )
+    with pytest.warns(UserWarning, match="stale .*file format 1 -> 2"):
+        precompute_reference_logps(tiny_llama(), random_examples(2), cache=cache, progress=False)
+    assert len(forward_calls) == 1
+
+
+def test_meta_model_is_refused():
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(ValueError, match="model's parameters are on the meta device"):
+        precompute_reference_logps(model, random_examples(2), progress=False)

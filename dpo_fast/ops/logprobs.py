@@ -131,7 +131,7 @@ def new_buffer(
     With the C++ backend it comes from ``dpo_fast.ops.cpp``'s cache of freed blocks: a fresh
     CPU buffer costs more in page faults than the kernel that fills it.
     """
-    if backend == "cpp":
+    if backend == "cpp" and device.type == "cpu":  # (meta tensors trace the C++ ops too)
         return cpp.empty(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 
