@@ -242,10 +242,11 @@ def _batch_tensor(batch: Mapping, key: str, layout: str) -> torch.Tensor:
     return value
 
 
-def check_batch(batch: object, layout: str) -> str:
+def check_batch(batch: object, layout: str, vocab_size: int | None = None) -> str:
     """A preference batch for ``layout``: TRL's padded format (``input_ids``, ``attention_mask``,
     ``completion_mask`` ``[2B, T]``), or, for ``packed`` / ``prefix_shared``, a block batch of
     ``dpo_fast.collate`` (the :data:`dpo_fast.constants.BLOCK_KEYS` ``[R, L]`` and ``num_pairs``).
+    With ``vocab_size``, every token id must be in ``[0, vocab_size)`` (a data check).
 
     Returns:
         ``"padded"`` or ``"block"``: which of the two formats ``batch`` is.
@@ -264,17 +265,22 @@ def check_batch(batch: object, layout: str) -> str:
         if layout == "padded":
             raise ValueError("layout='padded' got a packed/prefix-shared batch (it has 'sequence_ids')")
         _check_block_batch(batch, layout)
-        return "block"
-    _check_padded_batch(batch)
-    return "padded"
+        kind = "block"
+    else:
+        _check_padded_batch(batch)
+        kind = "padded"
+    if vocab_size is not None:
+        _check_token_ids(batch["input_ids"], vocab_size)
+    return kind
 
 
 def _check_padded_batch(batch: Mapping) -> None:
     ids = _batch_tensor(batch, "input_ids", "padded")
-    if ids.dim() != 2 or ids.shape[0] % 2 or ids.shape[1] < 2:
+    if ids.dim() != 2 or ids.shape[0] < 2 or ids.shape[0] % 2 or ids.shape[1] < 2:
         raise ValueError(
-            f"batch['input_ids'] must be [2B, T] (B chosen rows, then B rejected rows, T >= 2), "
-            f"got shape {tuple(ids.shape)}" + (" (an odd number of rows)" if ids.dim() == 2 else "")
+            f"batch['input_ids'] must be [2B, T] (B >= 1 chosen rows, then B rejected rows, T >= 2), "
+            f"got shape {tuple(ids.shape)}"
+            + (" (an odd number of rows)" if ids.dim() == 2 and ids.shape[0] % 2 else "")
         )
     for key in ("attention_mask", "completion_mask"):
         mask = _batch_tensor(batch, key, "padded")
@@ -286,8 +292,10 @@ def _check_padded_batch(batch: Mapping) -> None:
 
 def _check_block_batch(batch: Mapping, layout: str) -> None:
     ids = _batch_tensor(batch, "input_ids", layout)
-    if ids.dim() != 2:
-        raise ValueError(f"batch['input_ids'] must be [R, L] for layout={layout!r}, got {tuple(ids.shape)}")
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        raise ValueError(
+            f"batch['input_ids'] must be [R, L] with R >= 1 for layout={layout!r}, got {tuple(ids.shape)}"
+        )
     for key in BLOCK_KEYS[1:]:
         if _batch_tensor(batch, key, layout).shape != ids.shape:
             raise ValueError(
@@ -298,14 +306,39 @@ def _check_block_batch(batch: Mapping, layout: str) -> None:
         num_pairs = int(num_pairs)
     if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
         raise ValueError(f"batch['num_pairs'] must be a positive int (B), got {num_pairs!r}")
-    sequence_ids = batch["sequence_ids"]
-    if data_checks_enabled(sequence_ids) and sequence_ids.numel():
-        low, high = int(sequence_ids.min()), int(sequence_ids.max())
-        if low < -1 or high >= 2 * num_pairs:
+    if not data_checks_enabled(ids) or ids.numel() == 0:
+        return
+    # the ranges outside which tokens would silently go unscored (sequence_ids) or the attention
+    # mask be wrong (branch_ids, doc_ids); one read on the host for all three
+    ranges = {
+        "sequence_ids": (
+            -1,
+            2 * num_pairs - 1,
+            f"-1 (not scored) or in [0, 2 * num_pairs = {2 * num_pairs})",
+        ),
+        "branch_ids": (0, 2, "0 (prompt), 1 (chosen) or 2 (rejected)"),
+        "doc_ids": (-1, None, "-1 (padding) or a block index >= 0"),
+    }
+    bounds = torch.stack([v.to(torch.int64) for key in ranges for v in batch[key].aminmax()]).tolist()
+    for (key, (lowest, highest, allowed)), low, high in zip(
+        ranges.items(), bounds[0::2], bounds[1::2], strict=True
+    ):
+        if low < lowest or (highest is not None and high > highest):
             raise ValueError(
-                f"batch['sequence_ids'] must be -1 (not a completion token) or in [0, 2 * num_pairs = "
-                f"{2 * num_pairs}), got values in [{low}, {high}]"
+                f"batch[{key!r}] values must be {allowed}, found {low if low < lowest else high}"
             )
+
+
+def _check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Every token id in ``[0, vocab_size)`` (padding included: it goes through the embedding)."""
+    if not data_checks_enabled(ids) or ids.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.stack(ids.aminmax()).tolist())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"batch['input_ids'] must be token ids in [0, {vocab_size}) (the model's vocabulary, padding "
+            f"included), found {low if low < 0 else high}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ log-probs) pass through as ``(B,)`` tensors in every layout.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,12 +58,11 @@ def _token_list(value: object, what: str) -> list[int]:
         if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
             raise ValueError(f"{what} must be a 1-D integer tensor, got {value.dtype} {tuple(value.shape)}")
         return value.tolist()
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or not all(isinstance(t, int) for t in value)
-    ):
+    if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{what} must be a list of int token ids, got {type(value).__name__}")
+    bad = next((t for t in value if isinstance(t, bool) or not isinstance(t, int)), None)
+    if bad is not None:
+        raise TypeError(f"{what} must be a list of int token ids, got an element {bad!r}")
     return list(value)
 
 
@@ -350,12 +350,16 @@ class PreferenceCollator:
             ("pack_length", pack_length),
             ("pad_to_multiple_of", pad_to_multiple_of),
         ):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = (
                 tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             )
+        if pad_token_id is not None and (
+            isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0
+        ):
+            raise ValueError(f"pad_token_id must be None or a token id >= 0, got {pad_token_id!r}")
         self.tokenizer = tokenizer
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.max_length = max_length
@@ -391,5 +395,18 @@ class PreferenceCollator:
             batch = collate_prefix_shared(pairs, pack_length=self.pack_length, **options)
         for key in _REFERENCE_KEYS:  # precomputed reference log-probs travel with the batch, as in TRL
             if all(key in example for example in examples):
-                batch[key] = torch.tensor([float(example[key]) for example in examples])
+                batch[key] = torch.tensor(
+                    [_log_prob(example[key], key, i) for i, example in enumerate(examples)]
+                )
         return batch
+
+
+def _log_prob(value: object, key: str, index: int) -> float:
+    """A precomputed reference log-prob: a finite number (NaN or inf would poison the loss)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"example {index}: {key} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"example {index}: {key} must be finite, got {number}")
+    return number

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import registry
 from .constants import REFERENCE_FREE
 from .linear_logprobs import linear_sequence_logprobs
 from .preference_loss import PreferenceLossSpec, preference_loss
@@ -48,6 +49,24 @@ class FusedLinearPreferenceAux(NamedTuple):
     metrics: dict[str, torch.Tensor]
     ref_chosen_logps: torch.Tensor | None
     ref_rejected_logps: torch.Tensor | None
+
+
+def _check_reference_head(
+    hidden: torch.Tensor, lin_weight: object, ref_hidden: object, ref_weight: object
+) -> None:
+    """``ref_hidden`` ``(2P, T, H')`` scores the policy's labels and ``ref_weight`` ``(V, H')`` the
+    policy's vocabulary (the reference may have another hidden size)."""
+    for name, tensor, like, like_name in (
+        ("ref_hidden", ref_hidden, hidden, "hidden"),
+        ("ref_weight", ref_weight, lin_weight, "lin_weight"),
+    ):
+        if tensor is None or not isinstance(like, torch.Tensor):
+            continue  # absent (lin_weight itself is checked with the head)
+        if not isinstance(tensor, torch.Tensor) or tensor.shape[:-1] != like.shape[:-1]:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(
+                f"{name} must have the leading dims of {like_name} {tuple(like.shape[:-1])}, got {got}"
+            )
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
@@ -133,6 +152,13 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             "softcap": softcap,
             "logit_scale": logit_scale,
         }
+        # one backend runs both the head and the loss: one both implement (the loss has no C++ one;
+        # "auto" runs the head's C++ kernels on CPU)
+        shared = [
+            b for b in registry.backends("linear_logprobs") if b in registry.backends("preference_loss")
+        ]
+        if backend not in ("auto", *shared):
+            raise ValueError(f"backend must be one of {('auto', *shared)}, got {backend!r}")
         self.backend = backend
 
     def forward(
@@ -165,9 +191,15 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             ``(loss, aux)``: the fp32 scalar loss (mean over pairs) and a
             :class:`FusedLinearPreferenceAux`.
         """
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.shape[0] % 2 or not len(hidden):
+        if (
+            not isinstance(hidden, torch.Tensor)
+            or hidden.dim() != 3
+            or hidden.shape[0] % 2
+            or not len(hidden)
+        ):
             shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise ValueError(f"hidden must be (2P, T, H) with chosen rows then rejected rows, got {shape}")
+        _check_reference_head(hidden, lin_weight, ref_hidden, ref_weight)
         P = hidden.shape[0] // 2
         sums, counts, stats = linear_sequence_logprobs(
             hidden,

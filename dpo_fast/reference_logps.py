@@ -239,6 +239,8 @@ def precompute_reference_logps(
     batches = _batches(data, collator, layout, batch_size)
     if cache is not None:
         cache = Path(cache)
+        if cache.is_dir():  # refused now, not when saving after the whole pass
+            raise ValueError(f"cache must be a file path, got the directory {cache}")
         key = {**cache_key(model, layout, backend, check), "data": data_fingerprint(batches())}
         if cache.is_file():
             cached = _load_cache(cache, key)

@@ -91,7 +91,7 @@ def _plan_block(batch: Mapping, layout: str, num_pairs: int, config, dtype: torc
 
 def lower_batch(batch: Mapping, layout: str, config, dtype: torch.dtype) -> Plan:
     """Validate ``batch`` and lower it for ``layout`` (a padded batch is re-laid out on the host)."""
-    if check_batch(batch, layout) == "block":
+    if check_batch(batch, layout, getattr(config, "vocab_size", None)) == "block":
         return _plan_block(batch, layout, int(batch["num_pairs"]), config, dtype)
     if layout == "padded":
         return _plan_padded(batch)
