@@ -911,7 +911,7 @@ for id, call, error, pending in [
     (
         "f_alpha inf",
         lambda b: _pl(b, f_divergence="alpha_divergence", f_alpha=math.inf),
-        raises(ValueError, "f_alpha must be finite"),
+        raises(ValueError, "f_alpha must be (a )?finite"),
         None,
     ),
     (
@@ -1003,7 +1003,7 @@ for id, call, error, pending in [
     (
         "bco_delta inf",
         lambda b: _pl(b, loss_type="bco_pair", bco_delta=math.inf),
-        raises(ValueError, "bco_delta must be finite"),
+        raises(ValueError, "bco_delta must be (a )?finite"),
         None,
     ),
     (
@@ -1333,7 +1333,7 @@ row(
     "FusedLinearPreferenceLoss: double backward (create_graph=True)",
     "preference_loss",
     _fl_double_backward,
-    raises(RuntimeError, "linear_logprobs op has no double backward"),
+    raises(RuntimeError, "(linear_logprobs|preference_loss) op has no double backward"),
 )
 
 
