@@ -160,16 +160,16 @@ def check_segment_ids(
         raise ValueError(f"num_segments must be None or an int >= 0, got {num_segments}")
 
 
-def check_segment_values(segment_ids: torch.Tensor, scored: torch.Tensor, num_segments: int) -> None:
-    """Every id of ``segment_ids`` is >= -1 and every id at a ``scored`` position is below
-    ``num_segments``: an id outside ``[-1, num_segments)`` would drop its tokens from every sum.
+def check_segment_values(segment_ids: torch.Tensor, scored_ids: torch.Tensor, num_segments: int) -> None:
+    """Every id of ``segment_ids`` is >= -1 and every id of ``scored_ids`` (the same ids, -1 at
+    unscored positions) is below ``num_segments``: an id outside ``[-1, num_segments)`` would
+    drop its tokens from every sum.
 
     A data check: it reads two values on the host, and runs only where
     :func:`data_checks_enabled`.
     """
     if not data_checks_enabled(segment_ids) or segment_ids.numel() == 0:
         return
-    scored_ids = torch.where(scored, segment_ids, -1)
     lowest, highest = (int(v) for v in torch.stack((segment_ids.min(), scored_ids.max())).tolist())
     if lowest < -1:
         raise ValueError(f"segment_ids must be >= 0 (a segment) or -1 (not scored), found {lowest}")

@@ -82,12 +82,12 @@ def sequence_sums(
         segment_ids = segment_ids.to(torch.int64)  # -1 below needs a signed type
         if shift:
             segment_ids = segment_ids[..., 1:]
+        scored_ids = torch.where(scored, segment_ids, -1)
         if num_segments is None:
-            num_segments = count_segments(torch.where(scored, segment_ids, -1))
-        check_segment_values(segment_ids, scored, num_segments)
-        segment_ids = torch.where(scored, segment_ids, -1)
-        logps = segment_sum(per_token, segment_ids, num_segments)
-        num_tokens = segment_sum(scored, segment_ids, num_segments)
+            num_segments = count_segments(scored_ids)
+        check_segment_values(segment_ids, scored_ids, num_segments)
+        logps = segment_sum(per_token, scored_ids, num_segments)
+        num_tokens = segment_sum(scored, scored_ids, num_segments)
     if average:
         logps = logps / num_tokens.clamp(min=1)
     return logps, num_tokens
