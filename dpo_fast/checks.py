@@ -96,8 +96,13 @@ def check_labels(
         )
 
 
+def _is_real(value: object) -> bool:
+    """A real number: Python's or numpy's, or a symbolic one while compiling; not a bool."""
+    return isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
 def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+    if not _is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
 
 
@@ -371,10 +376,6 @@ def check_loss_types(loss_type: object, loss_weights: object) -> dict[str, float
     for name, w in zip(types, weights, strict=True):
         summed[name] = summed.get(name, 0.0) + float(w)
     return summed
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_finite(name: str, value: object) -> None:

@@ -9,10 +9,6 @@ included. A row of a function with a ``backend`` argument runs on every backend 
 
 After the rows: every loss type and f-divergence at margins of +-1e4 and +-1e6, in fp32 and
 bf16, finite (loss and gradients) and equal to the float64 formulas.
-
-A row whose fix belongs to another open branch is marked ``pending`` with that branch's name:
-it runs as ``xfail(strict=True)``, so it fails the suite the moment the fix lands and the mark
-must go.
 """
 
 from __future__ import annotations
@@ -45,30 +41,25 @@ GRAD_TOL = {F32: 1e-5, BF16: 1e-2, F16: 2e-3}
 # to the compute dtype: absolute on log-probs, relative to the largest entry on gradients
 LINEAR_LOGP_TOL = {F32: 2e-5, BF16: 6e-2, F16: 8e-3}
 LINEAR_GRAD_TOL = {F32: 2e-5, BF16: 2e-2, F16: 3e-3}
-H13 = "h13-loss"  # the branch fixing the loss items of issue 14 (2, 8, 10) and the loss op's port
 
 
 @dataclass(frozen=True)
 class Row:
     """One hostile input. ``run(backend)`` calls the function (``backend`` is None when it has
     no backend argument) and asserts a correct result itself; with ``error`` the call must
-    raise that exception with a message matching the pattern (which names the argument).
-    ``pending``: the branch whose fix this row waits for, on the backends ``pending_on`` (all
-    when None)."""
+    raise that exception with a message matching the pattern (which names the argument)."""
 
     id: str
     op: str | None
     run: Callable[[str | None], object]
     error: tuple[type[Exception], str] | None = None
-    pending: str | None = None
-    pending_on: tuple[str, ...] | None = None
 
 
 ROWS: list[Row] = []
 
 
-def row(id, op, run, error=None, pending=None, pending_on=None):
-    ROWS.append(Row(id, op, run, error, pending, pending_on))
+def row(id, op, run, error=None):
+    ROWS.append(Row(id, op, run, error))
 
 
 def raises(exception: type[Exception], pattern: str) -> tuple[type[Exception], str]:
@@ -822,145 +813,122 @@ def _pl(backend, **overrides):
 
 LENGTHS = {"chosen_lengths": torch.full((P,), 5), "rejected_lengths": torch.full((P,), 3)}
 REF_FREE = {"ref_chosen_logps": None, "ref_rejected_logps": None}
-for id, call, error, pending in [
+for id, call, error in [
     (
         "int chosen_logps",
         lambda b: _pl(b, chosen_logps=torch.zeros(P, dtype=torch.long)),
         raises(TypeError, "chosen_logps must be float16, bfloat16, float32 or float64"),
-        None,
     ),
     (
         "chosen_logps a list",
         lambda b: _pl(b, chosen_logps=[0.0] * P),
         raises(TypeError, "chosen_logps must be a torch.Tensor"),
-        None,
     ),
     (
         "rejected_logps of another shape",
         lambda b: _pl(b, rejected_logps=torch.zeros(P + 1)),
         raises(ValueError, r"rejected_logps must have the shape of chosen_logps \(4,\)"),
-        None,
     ),
     (
         "no pairs",
         lambda b: _pl(b, **pairs(P=0)),
         raises(ValueError, r"chosen_logps must have shape \(P,\) with P >= 1"),
-        None,
     ),
     (
         "2-D chosen_logps",
         lambda b: _pl(b, chosen_logps=torch.zeros(P, 1)),
         raises(ValueError, r"chosen_logps must have shape \(P,\)"),
-        None,
     ),
     (
         "ref_rejected_logps on another device",
         lambda b: _pl(b, ref_rejected_logps=torch.zeros(P, device="meta")),
         raises(ValueError, "ref_rejected_logps is on meta but chosen_logps is on cpu"),
-        None,
     ),
-    ("beta 0", lambda b: _pl(b, beta=0.0), raises(ValueError, "beta must be a finite number > 0"), None),
+    ("beta 0", lambda b: _pl(b, beta=0.0), raises(ValueError, "beta must be a finite number > 0")),
     (
         "beta inf",
         lambda b: _pl(b, beta=math.inf),
         raises(ValueError, "beta must be a finite number > 0"),
-        None,
     ),
     (
         "beta nan",
         lambda b: _pl(b, beta=math.nan),
         raises(ValueError, "beta must be a finite number > 0"),
-        None,
     ),
     (
         "label_smoothing 2",
         lambda b: _pl(b, label_smoothing=2.0),
         raises(ValueError, r"label_smoothing must be in \[0, 1\], got 2.0"),
-        None,
     ),
     (
         "label_smoothing nan",
         lambda b: _pl(b, label_smoothing=math.nan),
         raises(ValueError, "label_smoothing must be in"),
-        None,
     ),
     (
         "unknown loss_type",
         lambda b: _pl(b, loss_type="dpo"),
         raises(ValueError, "unknown loss_type 'dpo'"),
-        None,
     ),
     (
         "empty loss_type list",
         lambda b: _pl(b, loss_type=[]),
         raises(ValueError, "loss_type must name at least one loss"),
-        None,
     ),
     (
         "unknown f_divergence",
         lambda b: _pl(b, f_divergence="kl"),
         raises(ValueError, "f_divergence must be one of"),
-        None,
     ),
     (
         "f_divergence for a loss without one",
         lambda b: _pl(b, loss_type="nca_pair", f_divergence="forward_kl"),
         raises(ValueError, "f_divergence='forward_kl' is only defined for"),
-        None,
     ),
     (
         "f_alpha inf",
         lambda b: _pl(b, f_divergence="alpha_divergence", f_alpha=math.inf),
         raises(ValueError, "f_alpha must be (a )?finite"),
-        None,
     ),
     (
         "loss_weights nan",
         lambda b: _pl(b, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, math.nan]),
         raises(ValueError, "loss_weights must be finite"),
-        None,
     ),
     (
         "loss_weights of another length",
         lambda b: _pl(b, loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),
         raises(ValueError, "loss_weights must have one weight per loss type"),
-        None,
     ),
     (
         "unknown reduction",
         lambda b: _pl(b, reduction="avg"),
         raises(ValueError, "reduction must be one of"),
-        None,
     ),
     (
         "one reference only",
         lambda b: _pl(b, ref_rejected_logps=None),
         raises(ValueError, "pass both ref_chosen_logps and ref_rejected_logps"),
-        None,
     ),
     (
         "no reference for sigmoid",
         lambda b: _pl(b, **REF_FREE),
         raises(ValueError, r"\['sigmoid'\] need the reference log-probs: pass ref_chosen_logps"),
-        None,
     ),
     (
         "references for simpo",
         lambda b: _pl(b, loss_type="simpo", **LENGTHS),
         raises(ValueError, "reference-free losses: pass ref_chosen_logps=None"),
-        None,
     ),
     (
         "no lengths for ipo",
         lambda b: _pl(b, loss_type="ipo"),
         raises(ValueError, r"\['ipo'\] need the completion token counts: pass chosen_lengths"),
-        None,
     ),
     (
         "float chosen_lengths of another shape",
         lambda b: _pl(b, loss_type="ipo", chosen_lengths=torch.ones(P + 1), rejected_lengths=torch.ones(P)),
         raises(ValueError, "chosen_lengths must have the shape of chosen_logps"),
-        None,
     ),
     (
         "negative chosen_lengths",
@@ -968,7 +936,6 @@ for id, call, error, pending in [
             b, loss_type="ipo", chosen_lengths=torch.tensor([5, -3, 2, 1]), rejected_lengths=torch.ones(P)
         ),
         raises(ValueError, "chosen_lengths"),
-        H13,
     ),
     (
         "negative rejected_lengths",
@@ -980,46 +947,39 @@ for id, call, error, pending in [
             rejected_lengths=torch.tensor([5, -3, 2, 1]),
         ),
         raises(ValueError, "rejected_lengths"),
-        H13,
     ),
     (
         "orpo without chosen_nll",
         lambda b: _pl(b, loss_type="orpo", **REF_FREE, **LENGTHS),
         raises(ValueError, "orpo needs chosen_nll"),
-        None,
     ),
     (
         "chosen_nll for sigmoid",
         lambda b: _pl(b, chosen_nll=torch.tensor(1.0)),
         raises(ValueError, "chosen_nll is used by orpo and cpo only"),
-        None,
     ),
     (
         "chosen_nll of another shape",
         lambda b: _pl(b, loss_type="cpo", **REF_FREE, chosen_nll=torch.ones(P + 1)),
         raises(ValueError, r"chosen_nll must have shape \(\) or \(4,\)"),
-        None,
     ),
     (
         "bco_delta inf",
         lambda b: _pl(b, loss_type="bco_pair", bco_delta=math.inf),
         raises(ValueError, "bco_delta must be (a )?finite"),
-        None,
     ),
     (
         "bco_delta a vector",
         lambda b: _pl(b, loss_type="bco_pair", bco_delta=torch.zeros(P)),
         raises(ValueError, "bco_delta must be a float or a 0-dim tensor"),
-        None,
     ),
     (
         "discopop_tau 0",
         lambda b: _pl(b, loss_type="discopop", discopop_tau=0.0),
         raises(ValueError, "discopop_tau must be > 0"),
-        None,
     ),
 ]:
-    row(f"preference_loss: {id}", "preference_loss", call, error, pending)
+    row(f"preference_loss: {id}", "preference_loss", call, error)
 
 row(
     "preference_loss: backend='cpp' (it has none)",
@@ -1124,33 +1084,29 @@ def _pl_meta(device, backend):
     return out.loss, c.grad
 
 
-for id, call, pending in [
-    ("bf16 log-probs", lambda b: check_loss(b, pairs(BF16), rtol=1e-4), None),
-    ("fp16 log-probs", lambda b: check_loss(b, pairs(F16), rtol=1e-3), None),
-    ("one pair", lambda b: check_loss(b, pairs(P=1), reduction="mean"), None),
+for id, call in [
+    ("bf16 log-probs", lambda b: check_loss(b, pairs(BF16), rtol=1e-4)),
+    ("fp16 log-probs", lambda b: check_loss(b, pairs(F16), rtol=1e-3)),
+    ("one pair", lambda b: check_loss(b, pairs(P=1), reduction="mean")),
     (
         "zero-stride chosen_logps (expanded)",
         lambda b: check_loss(b, {**pairs(), "chosen_logps": torch.tensor([-3.0]).expand(P)}),
-        None,
     ),
     (
         "strided log-probs",
         lambda b: check_loss(b, {k: torch.stack([v, v], 1)[:, 0] for k, v in pairs().items()}),
-        None,
     ),
     (
         "zero log-ratios (policy == reference)",
         lambda b: check_loss(
             b, {**pairs(), "ref_chosen_logps": pairs()["chosen_logps"] * 0}, reduction="sum"
         ),
-        None,
     ),
     (
         "chosen_nll a 0-dim tensor broadcast to the pairs (cpo)",
         lambda b: check_loss(b, {**pairs(), **REF_FREE, "loss_type": "cpo", "chosen_nll": torch.tensor(0.7)}),
-        None,
     ),
-    ("a NaN pair poisons itself only", _nan_pair_poisons_itself_only, None),
+    ("a NaN pair poisons itself only", _nan_pair_poisons_itself_only),
     (
         "zero lengths clamp to 1 (simpo)",
         lambda b: check_loss(
@@ -1163,19 +1119,16 @@ for id, call, pending in [
                 "rejected_lengths": torch.arange(P),
             },
         ),
-        None,
     ),
     (
         "orpo, confident chosen (log-prob -2.75e-11)",
         lambda b: check_loss(b, _orpo([-2.75e-11, -1e-6, -0.5, -3.0]), rtol=1e-4),
-        (H13, ("torch",)),  # the unselected branch of a torch.where; the kernel is finite
     ),
-    ("orpo at log-prob 0: the finite limit", _orpo_at_zero, H13),
-    ("meta tensors", lambda b: on_meta(_pl_meta, b), (H13, ("triton",))),
-    ("FakeTensorMode", lambda b: under_fake_mode(_pl_meta, b), (H13, ("triton",))),
+    ("orpo at log-prob 0: the finite limit", _orpo_at_zero),
+    ("meta tensors", lambda b: on_meta(_pl_meta, b)),
+    ("FakeTensorMode", lambda b: under_fake_mode(_pl_meta, b)),
 ]:
-    owner, on = pending if isinstance(pending, tuple) else (pending, None)
-    row(f"preference_loss: {id}", "preference_loss", call, pending=owner, pending_on=on)
+    row(f"preference_loss: {id}", "preference_loss", call)
 
 row(
     "preference_loss: double backward (create_graph=True): exact on torch",
@@ -1186,8 +1139,7 @@ row(
     "preference_loss: double backward (create_graph=True) refused by the Triton kernels",
     None,
     lambda _: _pl_double_backward("triton"),
-    raises(RuntimeError, "double backward"),
-    pending=H13,
+    raises(RuntimeError, "preference_loss op has no double backward"),
 )
 
 
@@ -1299,25 +1251,22 @@ def _fl_meta(device, backend):
 
 
 REFS = {"ref_chosen_logps": torch.tensor([-9.0, -7.0]), "ref_rejected_logps": torch.tensor([-8.0, -10.0])}
-for id, call, pending in [
+for id, call in [
     (
         "all labels ignored: finite, equal to the formulas",
         lambda b: check_fused(b, {**head(), "labels": torch.full((4, T), -100), **REFS}),
-        None,
     ),
     (
         "strided hidden and a bias",
         lambda b: check_fused(
             b, {**head(), "hidden": logits(4, 2 * T, H), "bias": logits(V), **REFS}, view=lambda t: t[:, ::2]
         ),
-        None,
     ),
-    ("beta 1e3 (saturated sigmoid)", lambda b: check_fused(b, {**head(), **REFS}, beta=1e3), None),
-    ("meta tensors", lambda b: on_meta(_fl_meta, b), (H13, ("triton",))),
-    ("FakeTensorMode", lambda b: under_fake_mode(_fl_meta, b), (H13, ("triton",))),
+    ("beta 1e3 (saturated sigmoid)", lambda b: check_fused(b, {**head(), **REFS}, beta=1e3)),
+    ("meta tensors", lambda b: on_meta(_fl_meta, b)),
+    ("FakeTensorMode", lambda b: under_fake_mode(_fl_meta, b)),
 ]:
-    owner, on = pending if isinstance(pending, tuple) else (pending, None)
-    row(f"FusedLinearPreferenceLoss: {id}", "preference_loss", call, pending=owner, pending_on=on)
+    row(f"FusedLinearPreferenceLoss: {id}", "preference_loss", call)
 
 
 def _fl_double_backward(backend):
@@ -1737,10 +1686,8 @@ def _params():
     for r in ROWS:
         backends = registry.backends(r.op) if r.op else (None,)
         for backend in backends:
-            pending = r.pending and (r.pending_on is None or backend in r.pending_on)
-            marks = [pytest.mark.xfail(strict=True, reason=r.pending)] if pending else []
             test_id = r.id if backend is None else f"{r.id} [{backend}]"
-            params.append(pytest.param(r, backend, id=test_id, marks=marks))
+            params.append(pytest.param(r, backend, id=test_id))
     return params
 
 
@@ -1779,8 +1726,6 @@ MARGINS = (1e4, -1e4, 1e6, -1e6)
 LOSS_CASES = [(t, "reverse_kl") for t in LOSS_TYPES] + [
     (t, f) for f in F_DIVERGENCES if f != "reverse_kl" for t in sorted(F_DIVERGENCE_LOSS_TYPES)
 ]
-# IPO squares the f-divergence's exp(-log-ratio) (clamped at e^80): e^160 overflows fp32
-OVERFLOWS = {("ipo", "forward_kl"), ("ipo", "alpha_divergence")}
 
 
 def extreme_pairs(loss_type: str, dtype: torch.dtype) -> dict:
@@ -1808,13 +1753,7 @@ def extreme_pairs(loss_type: str, dtype: torch.dtype) -> dict:
 
 @pytest.mark.parametrize("backend", registry.backends("preference_loss"))
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(
-    "loss_type, f_divergence",
-    [
-        pytest.param(*case, marks=[pytest.mark.xfail(strict=True, reason=H13)] if case in OVERFLOWS else [])
-        for case in LOSS_CASES
-    ],
-)
+@pytest.mark.parametrize("loss_type, f_divergence", LOSS_CASES)
 def test_every_loss_finite_at_extreme_margins(loss_type, f_divergence, dtype, backend):
     kwargs = extreme_pairs(loss_type, dtype)
     kwargs["f_divergence"] = f_divergence
