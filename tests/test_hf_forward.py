@@ -16,7 +16,6 @@ from torch import nn
 
 from dpo_fast import STAT_NAMES, concatenated_forward
 from dpo_fast.collate import PreferenceCollator
-from dpo_fast.hf.masks import block_attention_mask
 
 VOCAB = 128
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -291,33 +290,6 @@ def test_triton_backend_under_interpreter():
     run_and_compare(make_model("gpt2"), random_examples(2), "prefix_shared", backend="triton")
 
 
-def test_prefix_shared_mask_pattern():
-    """[prompt a b | chosen c d | rejected e]: e sees a, b and itself, never c or d."""
-    doc = torch.tensor([[0, 0, 0, 0, 0, -1]])
-    branch = torch.tensor([[0, 0, 1, 1, 2, 0]])
-    positions = torch.tensor([[0, 1, 2, 3, 2, 0]])
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0, 0],
-            [1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 0, 0],
-            [1, 1, 0, 0, 1, 0],
-            [0, 0, 0, 0, 0, 1],  # padding sees itself only: no empty softmax row
-        ],
-        dtype=torch.bool,
-    )
-    config = transformers.LlamaConfig()
-    config._attn_implementation = "sdpa"
-    mask = block_attention_mask(config, doc, branch, positions, dtype=torch.float32)
-    assert mask.dtype == torch.bool and torch.equal(mask[0, 0], expected)
-    config._attn_implementation = "eager"
-    additive = block_attention_mask(config, doc, branch, positions, dtype=torch.bfloat16)
-    assert additive.dtype == torch.bfloat16
-    assert torch.equal(additive[0, 0] == 0, expected)
-    assert (additive[0, 0][~expected] == torch.finfo(torch.bfloat16).min).all()
-
-
 # ---------------------------------------------------------------- bad input
 
 
@@ -383,14 +355,6 @@ def test_unknown_stat():
         concatenated_forward(
             make_model("llama"), PreferenceCollator()(random_examples(2)), stats=("perplexity",)
         )
-
-
-def test_prefix_shared_with_flash_attention_is_refused():
-    model = make_model("llama")
-    model.config._attn_implementation = "flash_attention_2"
-    batch = PreferenceCollator(layout="prefix_shared")(random_examples(2))
-    with pytest.raises(ValueError, match="prefix_shared' needs an explicit attention mask"):
-        concatenated_forward(model, batch, layout="prefix_shared")
 
 
 def test_lora_on_the_head_is_refused():

@@ -16,6 +16,7 @@ that agrees; the result is cached on the model, per layout.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,27 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+def warn_inactive_checkpointing(model: nn.Module) -> None:
+    """Warn when the model's gradient checkpointing is enabled but will not run.
+
+    transformers checkpoints a layer only in training mode with gradients enabled; a model
+    trained in ``eval()`` (to switch dropout off) keeps every activation silently. Train in
+    ``train()`` mode with dropout disabled instead (``trl.trainer.utils.disable_dropout_in_model``
+    does it). Our own eval-mode self-check restores each module's mode, so it leaves
+    checkpointing in effect.
+    """
+    if model.training or not torch.is_grad_enabled():
+        return
+    base = unwrap_model(model)
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
+        warnings.warn(
+            f"dpo_fast: gradient checkpointing is enabled on {type(base).__name__} but inactive: "
+            "the model is in eval() mode, where transformers keeps every activation. Call model.train() and "
+            "disable dropout instead (e.g. trl.trainer.utils.disable_dropout_in_model(model)).",
+            stacklevel=3,
+        )
 
 
 def _probe(plan: Plan) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:

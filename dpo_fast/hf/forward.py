@@ -23,9 +23,9 @@ from torch import nn
 
 from ..checks import check_layout, check_stats
 from ..linear_logprobs import linear_sequence_logprobs
-from .check import self_check
+from .check import self_check, warn_inactive_checkpointing
 from .model import Head, HeadTransform, find_backbone, find_head, run_backbone, text_config, unwrap_model
-from .plan import Plan, lower_batch
+from .plan import Plan, lower_batch, route_attention
 from .wrappers import call_head, in_root_forward, refuse_unsupported
 
 
@@ -98,6 +98,8 @@ def scored_rows(
     linear, found = find_head(base)
     backbone = find_backbone(base)
     candidates = list(transforms) if transforms is not None else found
+    warn_inactive_checkpointing(model)
+    route_attention(model, layout, batch["input_ids"].device)
     plan = lower_batch(batch, layout, text_config(base), linear.weight.dtype)
     transform = self_check(model, backbone, linear, candidates, plan) if check else candidates[0]
     return ScoredRows(plan, backbone, Head(linear, transform))

@@ -1,66 +1,129 @@
-"""Attention masks for the packed and prefix-shared layouts.
+"""Attention masks for the packed and prefix-shared layouts: which key each query may see.
 
-transformers passes a 4D ``attention_mask`` straight to the attention functions, skipping its
-own mask construction (``masking_utils._preprocess_mask_arguments`` in 5.17 and 5.23), so an
-explicit mask works for every ``sdpa`` / ``eager`` model, whatever its version. It is built
-here rather than left to transformers' packed-sequence detection (which reads restarts of
-``position_ids``, and only when no 2D mask is given) because prefix sharing is not a
-block-diagonal pattern: rejected positions restart at the end of the prompt, not at 0.
+transformers passes a 4D ``attention_mask`` (a tensor or a FlexAttention ``BlockMask``) straight
+to the attention functions, skipping its own mask construction
+(``masking_utils._preprocess_mask_arguments`` in 5.17 and 5.24), so an explicit mask works for
+every model whatever its version. It is built here rather than left to transformers'
+packed-sequence detection (which reads restarts of ``position_ids``, and only when no 2D mask
+is given) because prefix sharing is not a block-diagonal pattern: rejected positions restart
+at the end of the prompt, not at 0.
 
-A query token ``q`` may attend a key ``k`` of the same row when
-``doc[q] == doc[k]``, ``k <= q`` and ``branch[k] in (0, branch[q])``: its own block, causally,
-seeing the prompt and its own branch only. Sliding-window and chunked layers add their
-window in *position* space (what they see in their own padded sequence). Padding attends
-itself only, so no softmax row is empty (an empty row would give NaN in sdpa).
+:func:`visible` is the one statement of the rule. A query token ``q`` may attend a key ``k``
+of the same row when they belong to the same block (``doc_ids``), ``k <= q``, and ``k`` is on
+the prompt or on ``q``'s own branch; sliding-window and chunked layers add their window in
+*position* space (what the token sees in its own sequence). Padding attends itself only, so no
+softmax row is empty (an empty row gives NaN in sdpa). The dense builder here and the
+FlexAttention ``mask_mod`` (:mod:`dpo_fast.hf.flex`) both call it.
 
-Flash-attention implementations take no mask: ``packed`` passes ``position_ids`` only and
-transformers derives ``cu_seqlens`` for the varlen kernels from their restarts (untested
-here: flash-attn is not installable on these machines); ``prefix_shared`` cannot be
-expressed that way and raises.
+Dense masks (``sdpa``, ``eager`` and other implementations that take a 4D tensor) are one
+additive ``(R, 1, L, L)`` tensor in the dtype attention computes in, shared by every layer: a
+bool mask would be converted to a float copy inside every layer's sdpa call, and autograd
+keeps each copy. They are filled a band of query rows at a time, so building one needs no
+``L^2`` temporaries beyond the mask itself. Above :data:`DENSE_MASK_WARN_BYTES` a warning
+names the FlexAttention path, whose block mask is ``O((L / 128)^2)``.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
+
+# A dense mask above this size warns once per attention implementation (256 MiB: L = 8192
+# in fp32, 11585 in bf16, for one row).
+DENSE_MASK_WARN_BYTES = 256 * 2**20
+# Elements of one band of the dense builder's int64 temporaries (32 MiB each).
+_BAND_ELEMENTS = 2**22
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Window:
+    """The window a layer type adds, in position space: ``q_pos - k_pos < sliding`` and
+    ``q_pos // chunk == k_pos // chunk``; None where the layer has no such limit."""
+
+    sliding: int | None = None
+    chunk: int | None = None
 
 
 def is_flash(attn_implementation: str | None) -> bool:
     return attn_implementation is not None and "flash" in attn_implementation
 
 
-def _layer_types(config) -> list[str]:
+def is_flex(attn_implementation: str | None) -> bool:
+    return attn_implementation == "flex_attention"
+
+
+def layer_windows(config) -> dict[str, Window]:
+    """``{layer_type: Window}`` of the model's attention layers (one entry unless the model
+    mixes layer types, e.g. Gemma 2's sliding and full layers).
+
+    Raises:
+        ValueError: a layer type without a packed/prefix-shared mask here (e.g. linear
+            attention or state-space layers, whose state crosses documents).
+    """
     layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return list(dict.fromkeys(layer_types))
-    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"]
+    if not layer_types:
+        layer_types = ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"]
+    windows = {}
+    for layer_type in dict.fromkeys(layer_types):
+        if layer_type == "full_attention":
+            windows[layer_type] = Window()
+        elif layer_type == "sliding_attention":
+            windows[layer_type] = Window(sliding=int(config.sliding_window))
+        elif layer_type == "chunked_attention":
+            windows[layer_type] = Window(chunk=int(config.attention_chunk_size))
+        else:
+            raise ValueError(
+                f"layer type {layer_type!r} of {type(config).__name__} has no packed/prefix-shared mask in "
+                "dpo_fast; use layout='padded'"
+            )
+    return windows
 
 
-def _allowed(doc: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``(R, L, L)`` bool: query (dim 1) may attend key (dim 2), without windows."""
-    L = doc.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=doc.device).tril()
-    same_doc = (doc.unsqueeze(2) == doc.unsqueeze(1)) & (doc >= 0).unsqueeze(2)
-    visible_branch = (branch.unsqueeze(1) == 0) | (branch.unsqueeze(1) == branch.unsqueeze(2))
-    return same_doc & visible_branch & causal
+def visible(
+    doc_q: torch.Tensor,
+    doc_k: torch.Tensor,
+    branch_q: torch.Tensor,
+    branch_k: torch.Tensor,
+    pos_q: torch.Tensor,
+    pos_k: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    sliding: torch.Tensor | int | None,
+    chunk: torch.Tensor | int | None,
+) -> torch.Tensor:
+    """Bool: query ``q`` may attend key ``k`` (any broadcastable shapes; see the module doc).
+
+    ``doc_*``, ``branch_*``, ``pos_*`` are the ``doc_ids``, ``branch_ids`` and
+    ``position_ids`` of the query and key tokens, ``q`` / ``k`` their columns in the row.
+    """
+    allowed = (doc_q >= 0) & (doc_q == doc_k) & (k <= q) & ((branch_k == 0) | (branch_k == branch_q))
+    if sliding is not None:
+        allowed = allowed & (pos_q - pos_k < sliding)
+    if chunk is not None:
+        allowed = allowed & (pos_q // chunk == pos_k // chunk)
+    return allowed | (q == k)
 
 
-def _window(config, layer_type: str, position_ids: torch.Tensor) -> torch.Tensor | None:
-    """``(R, L, L)`` bool restriction of one layer type, or None for full attention."""
-    if layer_type == "full_attention":
-        return None
-    q, k = position_ids.unsqueeze(2), position_ids.unsqueeze(1)
-    if layer_type == "sliding_attention":
-        return (q - k) < config.sliding_window
-    if layer_type == "chunked_attention":
-        size = config.attention_chunk_size
-        return (q // size) == (k // size)
-    raise ValueError(
-        f"layer type {layer_type!r} of {type(config).__name__} has no packed/prefix-shared mask in dpo_fast; "
-        "use layout='padded'"
+def _warn_if_large(config, shape: tuple[int, ...], dtype: torch.dtype, count: int) -> None:
+    size = count * torch.Size(shape).numel() * dtype.itemsize
+    attn = getattr(config, "_attn_implementation", None)
+    if size <= DENSE_MASK_WARN_BYTES or attn in _warned:
+        return
+    _warned.add(attn)
+    warnings.warn(
+        f"dpo_fast: the packed/prefix-shared attention mask of shape {tuple(shape)} takes "
+        f"{size / 2**30:.2f} GiB for attn_implementation={attn!r} (it grows with the square of the row "
+        "length). Load the model with attn_implementation='flex_attention' (or call "
+        "dpo_fast.hf.use_flex_attention(model)) for a block mask of a few MB, or use shorter rows "
+        "(pack_length).",
+        stacklevel=4,
     )
 
 
-def block_attention_mask(
+def dense_attention_mask(
     config,
     doc_ids: torch.Tensor,
     branch_ids: torch.Tensor,
@@ -68,23 +131,38 @@ def block_attention_mask(
     *,
     dtype: torch.dtype,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The ``attention_mask`` argument for a packed / prefix-shared batch ``(R, L)``.
+    """The dense ``attention_mask`` argument for a packed / prefix-shared batch ``(R, L)``.
 
-    Returns a ``(R, 1, L, L)`` mask — bool for sdpa, additive (0 / dtype min) in ``dtype`` for
-    eager and other implementations — or, for models mixing layer types (Gemma 2's sliding and
-    full layers), a dict ``{layer_type: mask}``, which those models accept in place of a mask.
+    Returns an additive ``(R, 1, L, L)`` mask (0 where visible, ``finfo(dtype).min`` elsewhere)
+    in ``dtype`` — or, for models mixing layer types (Gemma 2's sliding and full layers), a dict
+    ``{layer_type: mask}``, which those models accept in place of a mask. Peak memory while
+    building: the mask(s) plus one band of ``_BAND_ELEMENTS`` elements.
     """
-    allowed = _allowed(doc_ids, branch_ids)
-    diagonal = torch.eye(doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device)
-    sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
+    R, L = doc_ids.shape
+    windows = layer_windows(config)
+    _warn_if_large(config, (R, 1, L, L), dtype, len(windows))
+    band = max(1, _BAND_ELEMENTS // max(L, 1))
+    cols = torch.arange(L, device=doc_ids.device)
+    lowest = torch.finfo(dtype).min
     masks = {}
-    for layer_type in _layer_types(config):
-        window = _window(config, layer_type, position_ids)
-        mask = (allowed if window is None else allowed & window) | diagonal
-        mask = mask.unsqueeze(1)
-        if not sdpa:
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(dtype).min
-            )
+    for layer_type, window in windows.items():
+        mask = torch.zeros((R, 1, L, L), dtype=dtype, device=doc_ids.device)
+        for r in range(R):
+            doc, branch, pos = doc_ids[r], branch_ids[r], position_ids[r]
+            for start in range(0, L, band):
+                rows = slice(start, min(start + band, L))
+                seen = visible(
+                    doc[rows, None],
+                    doc[None],
+                    branch[rows, None],
+                    branch[None],
+                    pos[rows, None],
+                    pos[None],
+                    cols[rows, None],
+                    cols[None],
+                    window.sliding,
+                    window.chunk,
+                )
+                mask[r, 0, rows].masked_fill_(~seen, lowest)
         masks[layer_type] = mask
     return next(iter(masks.values())) if len(masks) == 1 else masks

@@ -8,6 +8,7 @@ gather the predicting rows with :func:`dpo_fast.hf.forward.scored_rows`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,7 +22,9 @@ from ..collate import (
     sequences_from_padded,
 )
 from ..constants import BLOCK_KEYS
-from .masks import block_attention_mask, is_flash
+from .flex import flex_block_mask, flex_supports_backward, use_flex_attention
+from .masks import dense_attention_mask, is_flash, is_flex
+from .model import text_config, unwrap_model
 
 
 @dataclass
@@ -66,6 +69,60 @@ def _predecessors(doc: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor
     return torch.where(follows, col - 1, last_prompt), follows | prompt_in_doc
 
 
+def check_attention(config, layout: str, device: torch.device) -> str:
+    """The attention implementation of ``config``, if it can serve ``layout`` on ``device``.
+
+    Raises:
+        ValueError: naming the layout and the implementation, before any forward, for
+            ``prefix_shared`` on flash attention (no mask; see :func:`route_attention`), any block
+            layout on paged attention, and FlexAttention with gradients on CPU (no backward).
+    """
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    if "paged" in attn:
+        raise ValueError(
+            f"layout={layout!r} cannot run on attn_implementation={attn!r} (paged attention serves "
+            "generation with a cache); load the model with 'sdpa', 'eager' or 'flex_attention'"
+        )
+    if is_flash(attn) and layout == "prefix_shared":
+        raise ValueError(
+            f"layout='prefix_shared' needs a block attention mask, which attn_implementation={attn!r} "
+            "does not take, and FlexAttention (the block-mask alternative) cannot run here"
+            + ("" if flex_supports_backward(device) else " with gradients: it has no backward on CPU")
+            + "; load the model with attn_implementation='flex_attention', 'sdpa' or 'eager', or use "
+            "layout='packed'"
+        )
+    if is_flex(attn) and torch.is_grad_enabled() and not flex_supports_backward(device):
+        raise ValueError(
+            f"layout={layout!r} with attn_implementation='flex_attention' on {torch.device(device).type}: "
+            "FlexAttention has no backward on CPU; run under torch.no_grad() (e.g. grad=False for reference "
+            "log-probs), on a GPU, or load the model with attn_implementation='sdpa'"
+        )
+    return attn
+
+
+def route_attention(model, layout: str, device: torch.device) -> None:
+    """Switch a flash-attention model to FlexAttention for ``layout="prefix_shared"``.
+
+    Flash kernels take no mask, and prefix sharing is not a set of independent sequences; the
+    model is switched (once, with a warning, for good: gradient checkpointing replays the layers
+    in backward with whatever implementation the config names then) when FlexAttention can run
+    on ``device`` for this call and the model supports it. Otherwise it is left as it is and
+    :func:`check_attention` refuses the layout.
+    """
+    base = unwrap_model(model)
+    attn = getattr(text_config(base), "_attn_implementation", None)
+    if layout != "prefix_shared" or not is_flash(attn) or not getattr(base, "_supports_flex_attn", False):
+        return
+    if torch.is_grad_enabled() and not flex_supports_backward(device):
+        return
+    warnings.warn(
+        f"dpo_fast: layout='prefix_shared' needs a block attention mask, which attn_implementation={attn!r} "
+        f"does not take: switching {type(base).__name__} to attn_implementation='flex_attention'",
+        stacklevel=3,
+    )
+    use_flex_attention(base)
+
+
 def _plan_block(batch: Mapping, layout: str, num_pairs: int, config, dtype: torch.dtype) -> Plan:
     ids, positions, doc, branch, sequence_ids = (batch[key] for key in BLOCK_KEYS)
     L = ids.shape[1]
@@ -75,17 +132,18 @@ def _plan_block(batch: Mapping, layout: str, num_pairs: int, config, dtype: torc
     order = torch.argsort(sequence, stable=True)
     rows, cols, sequence = rows[order], cols[order], sequence[order]
     source = rows * L + before[rows, cols]
-    attn = getattr(config, "_attn_implementation", None)
     inputs = {"input_ids": ids, "position_ids": positions}
+    attn = check_attention(config, layout, ids.device)
     if is_flash(attn):
-        if layout == "prefix_shared":
-            raise ValueError(
-                f"layout='prefix_shared' needs an explicit attention mask, which "
-                f"attn_implementation={attn!r} does not take; load the model with "
-                "attn_implementation='sdpa' or 'eager'"
-            )
+        # transformers' varlen path: sequences from the restarts of position_ids, which it reads
+        # for a batch of one row only (several rows would each run as one causal sequence)
+        inputs = {key: value.reshape(1, -1) for key, value in inputs.items()}
+    elif is_flex(attn):
+        inputs["attention_mask"] = flex_block_mask(config, doc, branch, positions)
     else:
-        inputs["attention_mask"] = block_attention_mask(config, doc, branch, positions, dtype=dtype)
+        if torch.is_autocast_enabled(ids.device.type):
+            dtype = torch.get_autocast_dtype(ids.device.type)  # what attention computes in
+        inputs["attention_mask"] = dense_attention_mask(config, doc, branch, positions, dtype=dtype)
     return Plan(layout, inputs, source, ids[rows, cols], sequence, num_pairs, batch)
 
 
