@@ -2,12 +2,15 @@
 
 - :class:`CudaMeter`: the CUDA caching allocator's ``memory_allocated`` /
   ``max_memory_allocated``.
+- :class:`AllocatorMeter` (CPU): the CPU allocator's allocations and frees as the PyTorch
+  profiler records them (``profile_memory=True``), replayed in time order — the peak of live
+  tensor storage, compiled code (FlexAttention's kernels) included. It does not see memory a
+  library allocates outside PyTorch's allocator (MKL's scratch buffers); a test checks it
+  against the process's resident memory.
 - :class:`StorageMeter`: a ``TorchDispatchMode`` that adds up the storage of every tensor an
-  operator returns and subtracts it when the storage is freed — the peak of live tensor
-  storage. It serves the CPU (whose allocator keeps no statistics) and fake tensors (the
-  estimator: the same count with no memory behind it). It sees what operators return, not
-  the scratch memory a kernel allocates and frees inside itself (a few per-thread buffers on
-  CPU); a test checks it against the process's resident memory.
+  operator returns and subtracts it when the storage is freed. It serves fake tensors (the
+  estimator: the same count with no memory behind it) and the tests; it cannot see inside
+  compiled code.
 
 Phases: :meth:`mark` starts a phase; each phase records the live bytes at its start and its
 own peak, so a step's peak can be split into where it happens (forward, head, backward, ...).
@@ -85,6 +88,60 @@ class CudaMeter(_Phases):
         self._close()
 
 
+class AllocatorMeter(_Phases):
+    """Phases over the CPU allocator's events, recorded by the PyTorch profiler.
+
+    Live bytes start at ``baseline`` (the tensors that exist before the step: weights,
+    optimizer state, inputs) and follow every allocation and free while the meter is active;
+    :meth:`mark` records a profiler annotation, and the phases are computed when it exits.
+    """
+
+    _PREFIX = "dpo_fast.phase::"
+
+    def __init__(self, baseline: int = 0) -> None:
+        super().__init__()
+        self.baseline = baseline
+        self._names: list[str] = []
+        self._profile = None
+
+    def current(self) -> int:
+        raise RuntimeError("AllocatorMeter knows live bytes only after it exits")
+
+    def mark(self, name: str) -> None:
+        self._names.append(name)
+        with torch.profiler.record_function(self._PREFIX + name):
+            pass
+
+    def __enter__(self) -> AllocatorMeter:
+        self._profile = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        )
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+        events = []
+        for event in self._profile.profiler.kineto_results.events():
+            if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+                events.append((event.start_ns(), 1, event.nbytes()))
+            elif event.name().startswith(self._PREFIX):
+                events.append((event.start_ns(), 0, event.name().removeprefix(self._PREFIX)))
+        live = self.baseline
+        self.phases = []
+        for _, kind, value in sorted(events, key=lambda e: (e[0], e[1])):
+            if kind == 0:
+                self.phases.append(Phase(value, live, live))
+                continue
+            live += value
+            if self.phases:
+                self.phases[-1].peak = max(self.phases[-1].peak, live)
+        self.live = live
+
+    def peak(self) -> int:
+        return max((p.peak for p in self.phases), default=self.baseline)
+
+
 class StorageMeter(_Phases, TorchDispatchMode):
     """Live tensor storage, counted from operator outputs while the mode is active.
 
@@ -95,6 +152,9 @@ class StorageMeter(_Phases, TorchDispatchMode):
     (weights, gradients, optimizer state, inputs), so that live bytes are absolute and freeing
     them is counted.
     """
+
+    # higher-order operators (FlexAttention) pass through too: their outputs are counted
+    supports_higher_order_operators = True
 
     def __init__(self, budget: int | None = None) -> None:
         _Phases.__init__(self)

@@ -23,6 +23,7 @@ Outputs: ``DIR/profile_memory-<model>-<device>.json``, ``...-memory.png`` and ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -33,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .memory_meter import CudaMeter, MemoryBudgetExceeded, StorageMeter
+from .memory_meter import AllocatorMeter, CudaMeter, MemoryBudgetExceeded, StorageMeter
+from .profile_estimate import cuda_emulation, fake_batch, fake_execution, not_estimable
 from .profile_step import (
     METHODS,
+    OURS,
     Method,
     batch_tokens,
     build_models,
@@ -199,57 +203,112 @@ def breakdown(meter, static: int, mask: int) -> tuple[dict[str, int], str | None
     return parts, None if busiest is None else busiest.name
 
 
-def profile_point(
-    method: Method,
-    policy,
-    reference,
-    optimizer,
-    length: int,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> Point:
-    """Run ``args.warmup`` steps, then one measured step of ``method`` at ``length``."""
-    vocab = policy.config.get_text_config().vocab_size
-    pairs = make_pairs(args.batch_size, length, vocab, args.prompt_fraction, args.seed)
-    batch = {
-        k: v.to(device) if isinstance(v, torch.Tensor) else v
-        for k, v in collate(pairs, method.layout).items()
-    }
-    step = {"forward_only": args.forward_only}
-    for _ in range(args.warmup):
-        dpo_step(method, policy, reference, batch, optimizer, _NullMeter(), **step)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        meter = CudaMeter(device)
-    else:
-        meter = StorageMeter(budget=args.budget)
-        meter.adopt(_state_tensors(policy, reference, optimizer, batch))
-    start = time.perf_counter()
-    with meter:
-        loss, mask = dpo_step(method, policy, reference, batch, optimizer, meter, **step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    static = _bytes(_state_tensors(policy, reference, optimizer, {})) + (
-        0 if args.forward_only else _bytes(trainable)
+@dataclass
+class Models:
+    """A method's policy, reference and optimizer (fake tensors when ``fake_mode`` is set)."""
+
+    method: Method
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    fake_mode: object = None
+
+
+def build(config, method: Method, args: argparse.Namespace, device: torch.device, *, fake: bool) -> Models:
+    torch.manual_seed(args.seed)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    policy, reference = build_models(
+        config,
+        method,
+        checkpointing=args.gradient_checkpointing,
+        dtype=args.dtype,
+        device=torch.device("cpu") if fake else device,
+        fake_mode=fake_mode,
     )
-    parts, peak_phase = breakdown(meter, static, mask)
-    pair_tokens = 2 * args.batch_size * length
+    return Models(method, policy, reference, make_optimizer(policy, args.optimizer), fake_mode)
+
+
+def _host_batch(models: Models, length: int, args: argparse.Namespace) -> dict:
+    vocab = models.policy.config.get_text_config().vocab_size
+    pairs = make_pairs(args.batch_size, length, vocab, args.prompt_fraction, args.seed)
+    return collate(pairs, models.method.layout)
+
+
+def _static_bytes(models: Models, args: argparse.Namespace) -> int:
+    """Weights (policy and reference), optimizer state, and the policy's gradients."""
+    trainable = [p for p in models.policy.parameters() if p.requires_grad]
+    state = _state_tensors(models.policy, models.reference, models.optimizer, {})
+    return _bytes(state) + (0 if args.forward_only else _bytes(trainable))
+
+
+def _point(
+    models: Models, length: int, args, meter, loss: float, mask: int, batch: dict, seconds=None
+) -> Point:
+    parts, peak_phase = breakdown(meter, _static_bytes(models, args), mask)
     return Point(
-        method.name,
-        method.attention,
+        models.method.name,
+        models.method.attention,
         length,
         "ok",
         peak=meter.peak(),
         breakdown=parts,
         peak_phase=peak_phase,
         seconds=seconds,
-        tokens_per_second=pair_tokens / seconds,
+        tokens_per_second=None if seconds is None else 2 * args.batch_size * length / seconds,
         backbone_tokens=batch_tokens(batch),
         loss=None if loss != loss else loss,
     )
+
+
+def measure_point(models: Models, length: int, args: argparse.Namespace, device: torch.device) -> Point:
+    """Run ``args.warmup`` steps, then one measured step of the method at ``length``."""
+    batch = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in _host_batch(models, length, args).items()
+    }
+    run = (models.method, models.policy, models.reference, batch, models.optimizer)
+    for _ in range(args.warmup):
+        dpo_step(*run, _NullMeter(), forward_only=args.forward_only)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        meter = CudaMeter(device)
+    else:
+        meter = AllocatorMeter(
+            baseline=_bytes(_state_tensors(models.policy, models.reference, models.optimizer, batch))
+        )
+    start = time.perf_counter()
+    with meter:
+        loss, mask = dpo_step(*run, meter, forward_only=args.forward_only)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return _point(models, length, args, meter, loss, mask, batch, time.perf_counter() - start)
+
+
+def estimate_point(models: Models, length: int, args: argparse.Namespace, target: torch.device) -> Point:
+    """One step of the method at ``length`` on fake tensors (``models`` built fake)."""
+    mode = models.fake_mode
+    host = _host_batch(models, length, args)
+    # our layouts lower the real host batch themselves; the others get fakes
+    batch = host if models.method.name in OURS else fake_batch(mode, host)
+    meter = StorageMeter()
+    meter.adopt(_state_tensors(models.policy, models.reference, models.optimizer, {}))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fake_execution(mode, meter))
+        if target.type == "cuda":
+            stack.enter_context(cuda_emulation())
+        stack.enter_context(mode)
+        stack.enter_context(meter)
+        loss, mask = dpo_step(
+            models.method,
+            models.policy,
+            models.reference,
+            batch,
+            models.optimizer,
+            meter,
+            forward_only=args.forward_only,
+        )
+    return _point(models, length, args, meter, loss, mask, host)
 
 
 class _NullMeter:
@@ -263,37 +322,72 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _over_budget(point: Point, budget: int | None, predicted: bool) -> Point:
+    if budget is not None and point.peak is not None and point.peak > budget:
+        point.status = "oom"
+        point.error = (
+            f"{'predicted' if predicted else 'measured'} peak {_gib(point.peak)} GiB over {_gib(budget)} GiB"
+        )
+    return point
+
+
+def _failed(method: Method, length: int, status: str, error: BaseException) -> Point:
+    return Point(method.name, method.attention, length, status, error=str(error).splitlines()[0][:200])
+
+
+def run_point(fake: Models | None, real: Models | None, length: int, args, device: torch.device) -> Point:
+    """The estimate (``fake``), then unless only estimating or it predicts out of memory, the
+    measurement (``real``)."""
+    if fake is not None:
+        try:
+            predicted = _over_budget(estimate_point(fake, length, args, device), args.budget, True)
+        except Exception as error:
+            if not not_estimable(error):
+                raise
+            predicted = _failed(fake.method, length, "not estimable", error)
+        if real is None or predicted.status == "oom":
+            return predicted
+    try:
+        return _over_budget(measure_point(real, length, args, device), args.budget, False)
+    except Exception as error:
+        if not _is_oom(error):
+            raise
+        real.policy.zero_grad(set_to_none=True)
+        return _failed(real.method, length, "oom", error)
+
+
 def sweep(args: argparse.Namespace, log=print) -> list[Point]:
-    """Every method over the lengths; an out-of-memory point ends that method's sweep."""
+    """Every method over the lengths.
+
+    Measured: a point out of memory (CUDA OOM; on CPU, a peak over the budget, or one the
+    estimate predicts over it, which is then not run) ends that method's sweep. Estimated:
+    every length, each marked as fitting ``--device-memory`` or not.
+    """
     device = torch.device(args.device)
     config = model_config(args.model_config)
-    methods = [parse_method(m, device.type, backward=not args.forward_only) for m in args.methods]
+    # estimates run on fake CPU tensors, where flash-attn cannot run: FlexAttention keeps the same
+    methods = [
+        parse_method(m, device.type, backward=not args.forward_only, flash=False if args.estimate else None)
+        for m in args.methods
+    ]
     points: list[Point] = []
     total, done = len(methods) * len(args.lengths), 0
     for method in methods:
-        torch.manual_seed(args.seed)
-        policy, reference = build_models(
-            config, method, checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=device
+        # on CPU the estimate is a pre-check: a point predicted over the budget is not run
+        fake = (
+            build(config, method, args, device, fake=True) if args.estimate or device.type == "cpu" else None
         )
-        optimizer = make_optimizer(policy, args.optimizer)
+        real = None if args.estimate else build(config, method, args, device, fake=False)
         for i, length in enumerate(args.lengths):
             done += 1
-            try:
-                point = profile_point(method, policy, reference, optimizer, length, args, device)
-            except Exception as error:
-                if not _is_oom(error):
-                    raise
-                point = Point(
-                    method.name, method.attention, length, "oom", error=str(error).splitlines()[0][:200]
-                )
-                policy.zero_grad(set_to_none=True)
+            point = run_point(fake, real, length, args, device)
             points.append(point)
             log(_progress(done, total, point))
             _free(device)
-            if point.status == "oom":
+            if point.status != "ok" and (real is not None or point.status == "not estimable"):
                 done += len(args.lengths) - i - 1
                 break
-        del policy, reference, optimizer
+        del fake, real
         _free(device)
     return points
 
@@ -304,14 +398,18 @@ def _gib(n: int | None) -> str:
 
 def _progress(done: int, total: int, p: Point) -> str:
     head = f"[{done}/{total}] {p.method:<20} ({p.attention}) L={p.length:<7}"
-    if p.status != "ok":
+    if p.status == "not estimable":
+        return f"{head} not estimable: {p.error}"
+    if p.peak is None:
         return f"{head} out of memory: {p.error}"
-    speed = f"{p.seconds:.2f} s, {p.tokens_per_second:,.0f} tok/s"
-    return f"{head} peak {_gib(p.peak)} GiB ({p.peak_phase}), {speed}"
+    line = f"{head} peak {_gib(p.peak)} GiB ({p.peak_phase})"
+    if p.seconds is not None:
+        line += f", {p.seconds:.2f} s, {p.tokens_per_second:,.0f} tok/s"
+    return line + ("" if p.status == "ok" else f"; out of memory: {p.error}")
 
 
 def longest_fit(points: list[Point]) -> dict[str, int | None]:
-    """The longest length each method ran (before its first out-of-memory point)."""
+    """The longest length each method fits (measured: ran; estimated: predicted within budget)."""
     best: dict[str, int | None] = {}
     for p in points:
         best.setdefault(p.method, None)
@@ -320,47 +418,24 @@ def longest_fit(points: list[Point]) -> dict[str, int | None]:
     return best
 
 
+COLUMNS = ("method", "attention", "length", "peak GiB", "weights+", "activ.", "head", "mask", "ref", "bwd")
+PARTS = ("weights_grads_optimizer", "activations", "head", "mask", "reference", "backward")
+
+
 def table(points: list[Point]) -> str:
-    columns = [
-        "method",
-        "attention",
-        "length",
-        "peak GiB",
-        "weights+",
-        "activ.",
-        "head",
-        "mask",
-        "ref",
-        "bwd",
-    ]
-    columns += ["peak in", "s/step", "tok/s"]
-    rows = [columns]
+    """One row per point: the peak, where it goes (GiB), the phase it falls in, time."""
+    rows = [[*COLUMNS, "peak in", "s/step", "tok/s", "status"]]
     for p in points:
-        b = p.breakdown
-        rows.append(
-            [p.method, p.attention, str(p.length)]
-            + (
-                [_gib(p.peak)]
-                + [
-                    _gib(b.get(k))
-                    for k in ("weights_grads_optimizer", "activations", "head", "mask", "reference")
-                ]
-                + [
-                    _gib(b.get("backward")),
-                    p.peak_phase or "-",
-                    f"{p.seconds:.3f}",
-                    f"{p.tokens_per_second:,.0f}",
-                ]
-                if p.status == "ok"
-                else ["OOM"] + ["-"] * 9
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+        row = [p.method, p.attention, str(p.length), _gib(p.peak)]
+        row += [_gib(p.breakdown.get(k)) for k in PARTS] + [p.peak_phase or "-"]
+        row += ["-", "-"] if p.seconds is None else [f"{p.seconds:.3f}", f"{p.tokens_per_second:,.0f}"]
+        rows.append([*row, p.status])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def plot(points: list[Point], path_stem: Path, title: str) -> list[Path]:
-    """Memory vs length and time vs length, one line per method (log-log)."""
+def plot(points: list[Point], path_stem: Path, title: str, budget: int | None) -> list[Path]:
+    """Memory vs length and (when timed) time vs length, one line per method (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,24 +443,25 @@ def plot(points: list[Point], path_stem: Path, title: str) -> list[Path]:
 
     paths = []
     for key, ylabel, suffix in (
-        (lambda p: p.peak / 2**30, "peak memory (GiB)", "memory"),
+        (lambda p: None if p.peak is None else p.peak / 2**30, "peak memory (GiB)", "memory"),
         (lambda p: p.seconds, "step time (s)", "time"),
     ):
+        lines = {}
+        for p in points:
+            if key(p) is not None:
+                lines.setdefault((p.method, p.attention), []).append((p.length, key(p)))
+        if not lines:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in dict.fromkeys(p.method for p in points):
-            ok = [p for p in points if p.method == name and p.status == "ok" and key(p) is not None]
-            if ok:
-                ax.plot(
-                    [p.length for p in ok],
-                    [key(p) for p in ok],
-                    marker="o",
-                    label=f"{name} ({ok[0].attention})",
-                )
+        for (name, attention), xy in lines.items():
+            ax.plot(*zip(*xy, strict=True), marker="o", label=f"{name} ({attention})")
+        if suffix == "memory" and budget is not None:
+            ax.axhline(budget / 2**30, color="gray", linestyle="--", label="device memory / budget")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (prompt + completion tokens)")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -405,105 +481,102 @@ def _environment(args: argparse.Namespace) -> dict:
         "python": platform.python_version(),
         "device": args.device,
     }
-    if args.device.startswith("cuda") and torch.cuda.is_available():
+    if args.device.startswith("cuda") and torch.cuda.is_available() and not args.estimate:
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     return env
+
+
+def _step_description(args: argparse.Namespace) -> str:
+    if args.forward_only:
+        return "reference forward only"
+    optimizer = f", {args.optimizer} step" if args.optimizer != "none" else ", no optimizer step"
+    return "policy forward+backward, reference forward" + optimizer
 
 
 def write_results(points: list[Point], args: argparse.Namespace) -> list[Path]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = Path(args.model_config).stem if args.model_config not in MODEL_CONFIGS else args.model_config
-    stem = out / f"profile_memory-{name}-{torch.device(args.device).type}"
-    fits = longest_fit(points)
-    step = (
-        "reference forward only"
-        if args.forward_only
-        else (
-            "policy forward+backward, reference forward"
-            + (f", {args.optimizer} step" if args.optimizer != "none" else "")
-        )
-    )
+    kind = "-estimate" if args.estimate else ""
+    stem = out / f"profile_memory-{name}-{torch.device(args.device).type}{kind}"
+    if args.estimate:
+        measure = "predicted: peak live tensor storage on fake tensors"
+    else:
+        measure = "max_memory_allocated" if args.device.startswith("cuda") else "peak live tensor storage"
     record = {
         "model_config": args.model_config,
-        "step": step,
+        "step": _step_description(args),
         "optimizer_step_included": args.optimizer != "none" and not args.forward_only,
         "gradient_checkpointing": args.gradient_checkpointing,
         "dtype": str(args.dtype).removeprefix("torch."),
         "batch_pairs": args.batch_size,
         "prompt_fraction": args.prompt_fraction,
-        "memory_measure": "max_memory_allocated"
-        if args.device.startswith("cuda")
-        else "peak live tensor storage",
+        "memory_measure": measure,
         "budget_bytes": args.budget,
         "environment": _environment(args),
-        "longest_fit": fits,
+        "longest_fit": longest_fit(points),
         "points": [p.__dict__ for p in points],
     }
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(record, indent=2) + "\n")
-    title = f"{name}, {step}, {record['dtype']}" + (", checkpointing" if args.gradient_checkpointing else "")
-    return [json_path, *plot(points, stem, title)]
+    title = f"{name}{' (estimate)' if args.estimate else ''}, {record['step']}, {record['dtype']}"
+    title += ", checkpointing" if args.gradient_checkpointing else ""
+    return [json_path, *plot(points, stem, title, args.budget)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dpo-fast profile-memory",
-        description="Peak memory and time of one DPO step per method and sequence length.",
+        description="Peak memory and time of one DPO step per method and sequence length, measured or "
+        "(--estimate) predicted on fake tensors.",
     )
-    parser.add_argument(
-        "--model-config", default="tiny", help=f"{', '.join(MODEL_CONFIGS)}, or a local config.json"
-    )
-    parser.add_argument("--lengths", help="comma-separated lengths (default: doubling from --min-length)")
-    parser.add_argument("--min-length", type=int, default=256)
-    parser.add_argument("--max-length", type=int, help="default: 65536 on CUDA, 4096 on CPU")
-    parser.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated; name[:attention] (default: all)"
-    )
-    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: bf16 CUDA, fp32 CPU"
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="pairs per step (default: 1)")
-    parser.add_argument("--prompt-fraction", type=float, default=0.5, help="prompt share of a sequence (0.5)")
-    parser.add_argument(
-        "--optimizer",
-        choices=("none", "sgd", "adamw"),
-        default="none",
-        help="include an optimizer step (none)",
-    )
-    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    parser.add_argument("--forward-only", action="store_true", help="profile the reference forward alone")
-    parser.add_argument(
-        "--device-memory", type=float, help="GiB: CPU budget (default: a quarter of the available memory)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, help="unmeasured steps per point (default: 1 on CUDA, 0 on CPU)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="profile_memory", help="where the JSON and PNGs go")
+    add = parser.add_argument
+    add("--model-config", default="tiny", help=f"{', '.join(MODEL_CONFIGS)}, or a local config.json")
+    add("--lengths", help="comma-separated lengths (default: doubling from --min-length)")
+    add("--min-length", type=int, default=256)
+    add("--max-length", type=int, help="default: 65536 on CUDA and for estimates, 4096 on CPU")
+    add("--methods", default=",".join(METHODS), help="comma-separated name[:attention] (default: all)")
+    add("--device", help="cpu or cuda[:N]: where to run, or the target of --estimate (default: cuda if any)")
+    add("--estimate", action="store_true", help="predict on fake tensors: no device, no allocation")
+    add("--device-memory", type=float, help="GiB: what fits (estimate: default 80; CPU: a quarter of RAM)")
+    add("--dtype", choices=("float32", "bfloat16", "float16"), help="default: fp32 on a CPU run, else bf16")
+    add("--batch-size", type=int, default=1, help="pairs per step (default: 1)")
+    add("--prompt-fraction", type=float, default=0.5, help="prompt share of a sequence (default: 0.5)")
+    add("--optimizer", choices=("none", "sgd", "adamw"), default="none", help="add an optimizer step")
+    add("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    add("--forward-only", action="store_true", help="profile the reference forward alone")
+    add("--warmup", type=int, help="unmeasured steps per point (default: 1 on CUDA, 0 on CPU)")
+    add("--seed", type=int, default=0)
+    add("--output-dir", default="profile_memory", help="where the JSON and PNGs go")
     args = parser.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda_here = torch.cuda.is_available()
+    args.device = args.device or ("cuda" if cuda_here or args.estimate else "cpu")
     cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    if cuda and not cuda_here and not args.estimate:
+        parser.error("--device cuda: no CUDA device is available (--estimate predicts without one)")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda or args.estimate else "float32"))
     if args.lengths:
         try:
             args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
         except ValueError:
             parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
     else:
-        args.lengths = doubling(args.min_length, args.max_length or (65536 if cuda else 4096))
+        args.lengths = doubling(
+            args.min_length, args.max_length or (65536 if cuda or args.estimate else 4096)
+        )
     if not args.lengths or min(args.lengths) < 2:
         parser.error(f"--lengths must be integers >= 2, got {args.lengths}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not 0 < args.prompt_fraction < 1:
         parser.error(f"--prompt-fraction must be in (0, 1), got {args.prompt_fraction}")
-    args.budget = None
-    if not cuda:
-        gib = args.device_memory
-        args.budget = int(gib * 2**30) if gib else _available_memory() // 4
+    if args.device_memory is not None and not args.device_memory > 0:
+        parser.error(f"--device-memory must be > 0 GiB, got {args.device_memory}")
+    if args.estimate:
+        args.budget = int((args.device_memory or 80) * 2**30)
+    elif cuda:
+        args.budget = None if args.device_memory is None else int(args.device_memory * 2**30)
+    else:
+        args.budget = int(args.device_memory * 2**30) if args.device_memory else _available_memory() // 4
     if args.warmup is None:
         args.warmup = 1 if cuda else 0
     return args
@@ -512,7 +585,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     """Entry point of ``dpo-fast profile-memory`` and ``benchmarks/profile_memory.py``: the exit status."""
     args = parse_args(argv)
-    # the CPU buffer cache keeps freed [tokens, V] blocks mapped: not tensor storage, so not counted
+    # the CPU buffer cache keeps freed [tokens, V] blocks outside the allocator the meter reads
     os.environ.setdefault("DPO_FAST_CPU_BUFFER_CACHE", "0")
     try:
         for spec in args.methods:
@@ -521,15 +594,17 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"dpo-fast profile-memory: error: {error}", file=sys.stderr)
         return 2
+    what = "estimating" if args.estimate else "profiling"
     print(
-        f"profiling {len(args.methods)} methods x {len(args.lengths)} lengths on {args.device} "
-        f"({args.model_config}, {str(args.dtype).removeprefix('torch.')})",
+        f"{what} {len(args.methods)} methods x {len(args.lengths)} lengths, {args.model_config} on "
+        f"{args.device} ({str(args.dtype).removeprefix('torch.')}; {_step_description(args)})",
         flush=True,
     )
     points = sweep(args, log=lambda line: print(line, flush=True))
     print()
     print(table(points))
-    print("\nlongest length that fits:")
+    budget = "" if args.budget is None else f" (within {_gib(args.budget)} GiB)"
+    print(f"\nlongest length that fits{budget}:")
     for name, length in longest_fit(points).items():
         print(f"  {name:<20} {length if length is not None else 'none'}")
     for path in write_results(points, args):

@@ -52,24 +52,27 @@ class Method:
         return f"{self.name} ({self.attention})"
 
 
-def attention_for(layout: str, device_type: str, *, backward: bool = True) -> str:
+def attention_for(layout: str, device_type: str, *, backward: bool = True, flash: bool | None = None) -> str:
     """The attention implementation that suits ``layout`` on ``device_type``.
 
     padded: sdpa (flash / memory-efficient kernels; the mask is the padding only). packed:
     flash_attention_2 when flash-attn is installed (varlen kernels from position_ids), else
     FlexAttention. prefix_shared: FlexAttention (block mask). FlexAttention has no backward
-    on CPU, so a CPU step with a backward uses sdpa and the dense additive mask.
+    on CPU, so a CPU step with a backward uses sdpa and the dense additive mask. ``flash``:
+    whether flash-attn may be used (default: when it is installed).
     """
     if layout == "padded":
         return "sdpa"
     if device_type == "cpu":
         return "sdpa" if backward else "flex_attention"
-    if layout == "packed" and importlib.util.find_spec("flash_attn") is not None:
+    if flash is None:
+        flash = importlib.util.find_spec("flash_attn") is not None
+    if layout == "packed" and flash:
         return "flash_attention_2"
     return "flex_attention"
 
 
-def parse_method(spec: str, device_type: str, *, backward: bool) -> Method:
+def parse_method(spec: str, device_type: str, *, backward: bool, flash: bool | None = None) -> Method:
     """``name`` or ``name:attention`` (e.g. ``ours-prefix_shared:sdpa``) -> :class:`Method`.
 
     Raises:
@@ -81,7 +84,9 @@ def parse_method(spec: str, device_type: str, *, backward: bool) -> Method:
             f"unknown method {name!r}; expected one of {', '.join(METHODS)} (optionally :attention)"
         )
     layout = name.removeprefix("ours-") if name in OURS else "padded"
-    return Method(name, layout, attention or attention_for(layout, device_type, backward=backward))
+    return Method(
+        name, layout, attention or attention_for(layout, device_type, backward=backward, flash=flash)
+    )
 
 
 def make_pairs(num_pairs: int, length: int, vocab_size: int, prompt_fraction: float, seed: int) -> list[Pair]:
@@ -113,10 +118,20 @@ def batch_tokens(batch: dict) -> int:
 
 
 def build_models(
-    config, method: Method, *, checkpointing: bool, dtype: torch.dtype, device: torch.device
+    config,
+    method: Method,
+    *,
+    checkpointing: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    fake_mode=None,
 ) -> tuple[nn.Module, nn.Module]:
     """(policy in train mode with dropout off and gradient checkpointing as asked, frozen
-    reference in eval mode), random weights, both with ``method.attention``."""
+    reference in eval mode), random weights, both with ``method.attention``.
+
+    With ``fake_mode`` (a ``FakeTensorMode``) the weights are fake tensors on ``device``: built
+    on the meta device (no initialization to run), then given fake storage.
+    """
     import transformers
 
     config = copy.deepcopy(config)
@@ -131,9 +146,13 @@ def build_models(
     ):
         if hasattr(config, field):
             setattr(config, field, 0.0)
-    with torch.device(device):
+    with torch.device("meta" if fake_mode is not None else device):
         policy = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if fake_mode is not None:
+        with fake_mode:
+            policy.to_empty(device=device)
+            reference.to_empty(device=device)
     policy.train()
     if checkpointing:
         enable = (

@@ -26,6 +26,7 @@ FlexAttention has no backward on CPU (torch 2.13): on CPU the flex path is forwa
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .masks import Window, layer_windows, visible
 from .model import text_config, unwrap_model
@@ -165,11 +166,13 @@ def flex_block_mask(config, doc_ids: torch.Tensor, branch_ids: torch.Tensor, pos
     windows = layer_windows(config)
     ids = torch.stack([doc_ids, branch_ids, position_ids])
     key = (tuple(windows.items()), tuple(ids.shape), ids.device)
-    for cached_key, cached_ids, cached in _cache:
+    cacheable = not is_fake(ids)  # fake tensors (the memory estimator) have no values to compare
+    for cached_key, cached_ids, cached in _cache if cacheable else ():
         if cached_key == key and torch.equal(cached_ids, ids):
             return cached
     masks = {layer_type: _build(doc_ids, branch_ids, position_ids, w) for layer_type, w in windows.items()}
     result = next(iter(masks.values())) if len(masks) == 1 else masks
-    _cache.insert(0, (key, ids, result))
-    del _cache[_CACHE_SIZE:]
+    if cacheable:
+        _cache.insert(0, (key, ids, result))
+        del _cache[_CACHE_SIZE:]
     return result
