@@ -123,6 +123,7 @@ class Point:
     backbone_tokens: int | None = None
     loss: float | None = None
     error: str | None = None
+    predicted_peak: int | None = None  # a measured CPU point: what the estimate predicted
 
 
 def model_config(name: str):
@@ -230,7 +231,7 @@ def build(config, method: Method, args: argparse.Namespace, device: torch.device
 
 def _host_batch(models: Models, length: int, args: argparse.Namespace) -> dict:
     vocab = models.policy.config.get_text_config().vocab_size
-    pairs = make_pairs(args.batch_size, length, vocab, args.prompt_fraction, args.seed)
+    pairs = make_pairs(args.batch_size, length, vocab, args.prompt_fraction, args.seed, args.prompt_length)
     return collate(pairs, models.method.layout)
 
 
@@ -348,7 +349,9 @@ def run_point(fake: Models | None, real: Models | None, length: int, args, devic
         if real is None or predicted.status == "oom":
             return predicted
     try:
-        return _over_budget(measure_point(real, length, args, device), args.budget, False)
+        point = _over_budget(measure_point(real, length, args, device), args.budget, False)
+        point.predicted_peak = None if fake is None else predicted.peak
+        return point
     except Exception as error:
         if not _is_oom(error):
             raise
@@ -409,12 +412,14 @@ def _progress(done: int, total: int, p: Point) -> str:
 
 
 def longest_fit(points: list[Point]) -> dict[str, int | None]:
-    """The longest length each method fits (measured: ran; estimated: predicted within budget)."""
+    """The longest length each method (``name:attention``) fits: measured, it ran within the
+    budget; estimated, it is predicted within ``--device-memory``."""
     best: dict[str, int | None] = {}
     for p in points:
-        best.setdefault(p.method, None)
+        key = f"{p.method}:{p.attention}"
+        best.setdefault(key, None)
         if p.status == "ok":
-            best[p.method] = max(best[p.method] or 0, p.length)
+            best[key] = max(best[key] or 0, p.length)
     return best
 
 
@@ -511,13 +516,14 @@ def write_results(points: list[Point], args: argparse.Namespace) -> list[Path]:
         "dtype": str(args.dtype).removeprefix("torch."),
         "batch_pairs": args.batch_size,
         "prompt_fraction": args.prompt_fraction,
+        "prompt_length": args.prompt_length,
         "memory_measure": measure,
         "budget_bytes": args.budget,
         "environment": _environment(args),
         "longest_fit": longest_fit(points),
         "points": [p.__dict__ for p in points],
     }
-    json_path = stem.with_suffix(".json")
+    json_path = stem.with_name(stem.name + ".json")
     json_path.write_text(json.dumps(record, indent=2) + "\n")
     title = f"{name}{' (estimate)' if args.estimate else ''}, {record['step']}, {record['dtype']}"
     title += ", checkpointing" if args.gradient_checkpointing else ""
@@ -542,6 +548,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--dtype", choices=("float32", "bfloat16", "float16"), help="default: fp32 on a CPU run, else bf16")
     add("--batch-size", type=int, default=1, help="pairs per step (default: 1)")
     add("--prompt-fraction", type=float, default=0.5, help="prompt share of a sequence (default: 0.5)")
+    add(
+        "--prompt-length",
+        type=int,
+        help="prompt tokens per pair, whatever the length (overrides the fraction)",
+    )
     add("--optimizer", choices=("none", "sgd", "adamw"), default="none", help="add an optimizer step")
     add("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     add("--forward-only", action="store_true", help="profile the reference forward alone")
@@ -606,7 +617,7 @@ def main(argv: list[str]) -> int:
     budget = "" if args.budget is None else f" (within {_gib(args.budget)} GiB)"
     print(f"\nlongest length that fits{budget}:")
     for name, length in longest_fit(points).items():
-        print(f"  {name:<20} {length if length is not None else 'none'}")
+        print(f"  {name:<36} {length if length is not None else 'none'}")
     for path in write_results(points, args):
         print(f"wrote {path}")
     return 0

@@ -89,10 +89,19 @@ def parse_method(spec: str, device_type: str, *, backward: bool, flash: bool | N
     )
 
 
-def make_pairs(num_pairs: int, length: int, vocab_size: int, prompt_fraction: float, seed: int) -> list[Pair]:
-    """``num_pairs`` random pairs whose prompt + completion is ``length`` tokens each."""
+def make_pairs(
+    num_pairs: int,
+    length: int,
+    vocab_size: int,
+    prompt_fraction: float,
+    seed: int,
+    prompt_length: int | None = None,
+) -> list[Pair]:
+    """``num_pairs`` random pairs whose prompt + completion is ``length`` tokens each; the
+    prompt is ``prompt_length`` tokens, or ``prompt_fraction`` of ``length``."""
     generator = torch.Generator().manual_seed(seed)
-    prompt = max(1, min(length - 1, round(length * prompt_fraction)))
+    prompt = round(length * prompt_fraction) if prompt_length is None else prompt_length
+    prompt = max(1, min(length - 1, prompt))
 
     def ids(n: int) -> list[int]:
         return torch.randint(3, vocab_size, (n,), generator=generator).tolist()
@@ -151,8 +160,9 @@ def build_models(
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if fake_mode is not None:
         with fake_mode:
-            policy.to_empty(device=device)
-            reference.to_empty(device=device)
+            for model in (policy, reference):
+                model.to_empty(device=device)
+                model.tie_weights()  # to_empty gives shared parameters (tied embeddings) one copy each
     policy.train()
     if checkpointing:
         enable = (
@@ -191,7 +201,9 @@ def _naive_logps(model: nn.Module, batch: dict) -> torch.Tensor:
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
     _, mask = _padded_labels(batch)
-    logps = logits[:, :-1].float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    # log_softmax of the whole (contiguous) logits, then the shift: a kernel given the shifted
+    # view would copy it inside itself, out of the estimator's sight
+    logps = logits.float().log_softmax(-1)[:, :-1].gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     return _sequence_sums(logps, mask)
 
 
