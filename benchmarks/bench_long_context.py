@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,9 +26,9 @@ import transformers
 from dpo_fast.app.profile_memory import MODEL_CONFIGS, longest_fit, parse_args, sweep
 
 try:
-    from common import print_table, write_results
+    from common import RESULTS_DIR, print_table, write_results
 except ImportError:  # run as a module: python -m benchmarks.bench_long_context
-    from .common import print_table, write_results
+    from .common import RESULTS_DIR, print_table, write_results
 
 GIB = 2**30
 
@@ -156,7 +157,12 @@ def main(argv: list[str]) -> int:
                 print(f"== {name} ==", flush=True)
                 rows += part(out)
     print_table(rows, sorted({key for row in rows for key in row}, key=lambda k: (k != "target", k)))
-    path = write_results("bench_long_context", torch.device("cpu"), {"only": args.only}, rows)
+    # a partial run keeps the other targets' rows of the previous results
+    previous = RESULTS_DIR / "bench_long_context-cpu.json"
+    if previous.exists():
+        ran = {row["target"] for row in rows}
+        rows = [row for row in json.loads(previous.read_text())["results"] if row["target"] not in ran] + rows
+    path = write_results("bench_long_context", torch.device("cpu"), {"targets": "flex,layers,estimate"}, rows)
     print(f"wrote {path}")
     return 0
 

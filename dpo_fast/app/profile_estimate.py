@@ -23,6 +23,9 @@ What the fakes cannot do, and how the estimate does it instead:
 - TRL's head on a Triton device scores only the labelled positions, picked by a boolean
   index (whose size a fake cannot know): the estimate scores every position, as TRL does on
   other devices, which overestimates its ``O(tokens x hidden)`` buffers;
+- our fused head keeps its last logits tile for backward in eager mode but not on fake
+  tensors (a traced graph cannot carry it, ``dpo_fast/ops/linear_logprobs.py``): the estimate
+  runs eagerly, so it lets the fakes keep it too;
 - a method whose code reads a value on the host fails with ``DataDependentOutputException``
   and is reported as not estimable (Liger's backward compares ``grad_output`` with 1.0).
 """
@@ -87,6 +90,8 @@ def fake_execution(fake_mode: FakeTensorMode, meter: StorageMeter) -> Iterator[N
     from transformers import masking_utils
     from transformers.integrations import flex_attention as hf_flex
 
+    from ..ops import linear_logprobs as linear_op
+
     lower_batch = hf_forward.lower_batch
     builders = {name: getattr(hf_plan, name) for name in ("dense_attention_mask", "flex_block_mask")}
 
@@ -111,6 +116,7 @@ def fake_execution(fake_mode: FakeTensorMode, meter: StorageMeter) -> Iterator[N
         for name, builder in builders.items():
             stack.enter_context(patched(hf_plan, name, build_on_fakes(builder)))
         stack.enter_context(patched(hf_plan, "flex_supports_backward", lambda device: True))
+        stack.enter_context(patched(linear_op, "is_fake", lambda tensor: False))  # eager: the tile is kept
         stack.enter_context(patched(hf_flex, "compile_friendly_flex_attention", _flex_stand_in))
         # only padded batches reach transformers without a 4D mask: one sequence per row
         stack.enter_context(patched(masking_utils, "find_packed_sequence_indices", lambda position_ids: None))
