@@ -90,7 +90,6 @@ def fake_execution(fake_mode: FakeTensorMode, meter: StorageMeter) -> Iterator[N
     from transformers import masking_utils
     from transformers.integrations import flex_attention as hf_flex
 
-    from ..ops import linear_logprobs as linear_op
 
     lower_batch = hf_forward.lower_batch
     builders = {name: getattr(hf_plan, name) for name in ("dense_attention_mask", "flex_block_mask")}
@@ -116,7 +115,6 @@ def fake_execution(fake_mode: FakeTensorMode, meter: StorageMeter) -> Iterator[N
         for name, builder in builders.items():
             stack.enter_context(patched(hf_plan, name, build_on_fakes(builder)))
         stack.enter_context(patched(hf_plan, "flex_supports_backward", lambda device: True))
-        stack.enter_context(patched(linear_op, "is_fake", lambda tensor: False))  # eager: the tile is kept
         stack.enter_context(patched(hf_flex, "compile_friendly_flex_attention", _flex_stand_in))
         # only padded batches reach transformers without a 4D mask: one sequence per row
         stack.enter_context(patched(masking_utils, "find_packed_sequence_indices", lambda position_ids: None))

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from .. import registry
 from . import logprobs as logprobs_op
@@ -284,8 +284,9 @@ def _register_autograd(backend: str) -> None:
         ctx.options = (ignore_index, scale, softcap, compute_dtype)
         # the kept last tile is consumed (overwritten) by the first backward: an attribute, not a
         # saved tensor, so a second backward (retain_graph=True) finds None and recomputes it.
-        # Eager only: a traced graph (fake tensors) cannot carry a tensor outside its saved ones.
-        ctx.tile = tile if keep_tile and not is_fake(tile) else None
+        # Eager only (fake tensors included, as the memory estimator runs them): a traced graph
+        # (AOTAutograd's functional tensors) cannot carry a tensor outside its saved ones.
+        ctx.tile = tile if keep_tile and not isinstance(tile, FunctionalTensor) else None
         ctx.mark_non_differentiable(lse, *stat_values, tile)
 
     def backward_formula(ctx, grad_logp, grad_lse, grad_stats, grad_tile):
