@@ -65,11 +65,14 @@ class ScoredRows:
     backbone: nn.Module
     head: Head
 
-    def rows(self) -> torch.Tensor:
+    def rows(self, *, router_logits: list | None = None) -> torch.Tensor:
         """``(N, H)`` the hidden states predicting the completion tokens, in ``plan`` order (by
         sequence, then position); the last prompt token's row appears twice in ``prefix_shared``.
-        Runs the backbone: inside the model's forward (``in_root_forward``) when it is wrapped."""
-        return run_backbone(self.backbone, self.plan.inputs).index_select(0, self.plan.source)
+        Runs the backbone: inside the model's forward (``in_root_forward``) when it is wrapped.
+        A list as ``router_logits`` receives a mixture-of-experts model's router logits
+        (``(R * L, experts)`` per MoE layer, in ``plan.inputs``' token order)."""
+        hidden = run_backbone(self.backbone, self.plan.inputs, router_logits=router_logits)
+        return hidden.index_select(0, self.plan.source)
 
 
 def scored_rows(

@@ -166,3 +166,32 @@ def dense_attention_mask(
                 mask[r, 0, rows].masked_fill_(~seen, lowest)
         masks[layer_type] = mask
     return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+# Config fields of layers that carry a state along a row (short convolutions, state-space and
+# linear-attention mixers): no attention mask confines them to one block of a packed row.
+_RECURRENT_FIELDS = ("conv_L_cache", "ssm_state_size", "mamba_d_state", "mamba_d_ssm", "state_size")
+_MASKED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# NemotronH-style block lists also name the feed-forward blocks, which mix no tokens
+_TOKENWISE_BLOCKS = ("attention", "mlp", "moe")
+
+
+def block_layout_refusal(config, layout: str) -> str | None:
+    """Why ``layout`` (packed / prefix_shared) cannot serve a model with this text ``config``,
+    or None when its masks do. Read from the config, before any batch is seen."""
+    kinds = list(getattr(config, "layer_types", None) or [])
+    kinds += list(getattr(config, "layers_block_type", None) or [])
+    unknown = sorted({k for k in kinds if k not in _MASKED_LAYER_TYPES + _TOKENWISE_BLOCKS})
+    if unknown:
+        return (
+            f"its {', '.join(map(repr, unknown))} layers mix tokens without an attention mask, so "
+            "they would run across the sequences packed into one row"
+        )
+    state = [name for name in _RECURRENT_FIELDS if getattr(config, name, None) is not None]
+    if state:
+        fields = ", ".join(state)
+        return f"it has recurrent (convolution / state-space) layers ({fields}) that no mask confines"
+    attn = getattr(config, "_attn_implementation", None)
+    if layout == "prefix_shared" and is_flash(attn):
+        return f"attn_implementation={attn!r} takes no attention mask, and prefix sharing needs one"
+    return None

@@ -100,10 +100,19 @@ def find_backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
-def run_backbone(backbone: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``(R * L, H)`` final hidden states (after the last norm) of ``inputs`` ``(R, L)``."""
-    out = backbone(**inputs, use_cache=False, return_dict=True)
+def run_backbone(
+    backbone: nn.Module, inputs: dict[str, torch.Tensor], *, router_logits: list | None = None
+) -> torch.Tensor:
+    """``(R * L, H)`` final hidden states (after the last norm) of ``inputs`` ``(R, L)``.
+
+    With a list as ``router_logits`` the backbone of a mixture-of-experts model is asked for its
+    router logits, and the list receives them (one ``(R * L, experts)`` tensor per MoE layer).
+    """
+    extra = {} if router_logits is None else {"output_router_logits": True}
+    out = backbone(**inputs, use_cache=False, return_dict=True, **extra)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if router_logits is not None:
+        router_logits.extend(out.router_logits)
     return hidden.reshape(-1, hidden.shape[-1])
 
 

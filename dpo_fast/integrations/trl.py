@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -38,8 +39,9 @@ from packaging.version import Version
 from trl.trainer.utils import FusedCausalLMOutput
 
 from ..checks import check_layout
-from ..constants import STAT_NAMES
+from ..constants import BRANCH_CHOSEN, BRANCH_REJECTED, STAT_NAMES
 from ..hf.forward import scored_rows
+from ..hf.masks import block_layout_refusal
 from ..hf.model import HeadTransform
 from ..hf.wrappers import call_head, refuse_unsupported
 from ..linear_logprobs import linear_token_logprobs
@@ -92,13 +94,15 @@ def trl_head_transforms(config) -> tuple[float | None, float]:
     return softcap, 1.0
 
 
-def _router_aux_loss(model, text_config, backbone_outputs, attention_mask) -> torch.Tensor:
+def _router_aux_loss(model, text_config, router_logits, attention_mask) -> torch.Tensor:
+    """TRL's MoE load-balancing loss of ``router_logits`` (per layer ``(2B * T, experts)``, TRL's
+    padded token order) over the real tokens of ``attention_mask``."""
     # Mixtral's load-balancing loss is the one every MoE family in transformers shares.
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     num_experts = getattr(text_config, "num_experts", None) or model.num_experts
     return load_balancing_loss_func(
-        backbone_outputs.router_logits, num_experts, text_config.num_experts_per_tok, attention_mask
+        router_logits, num_experts, text_config.num_experts_per_tok, attention_mask
     )
 
 
@@ -130,8 +134,12 @@ def add_fused_lm_head(
             and ``"prefix_shared"`` (each pair's prompt once) re-lay the batch out on the host,
             run the backbone on that (``dpo_fast.hf``; verified once against the model's own
             logits) and scatter the per-token results back to TRL's ``[2B, T-1]`` positions,
-            so TRL sees the same output. Text batches with ``input_ids``/``attention_mask``
-            only; not with MoE router losses or pre-shifted ``shift_labels``.
+            so TRL sees the same output. A model these layouts cannot serve (convolution or
+            state-space layers such as LFM2's and Nemotron-H's, or flash attention with
+            prefix sharing) gets ``"padded"`` and one warning. Text batches with
+            ``input_ids``/``attention_mask`` only (not pre-shifted ``shift_labels``); MoE router
+            logits are moved back to TRL's token order, so the load-balancing loss equals the
+            padded layout's.
     """
     check_layout(layout)
     unknown = [name for name in outputs if name != "log_probs" and name not in STAT_NAMES]
@@ -139,6 +147,7 @@ def add_fused_lm_head(
         raise ValueError(f"outputs must be 'log_probs' or names from {STAT_NAMES}, got unknown {unknown}")
     stats = tuple(name for name in STAT_NAMES if name in outputs)
     text_config = model.config.get_text_config()
+    layout = _servable_layout(model, text_config, layout)
     softcap, logit_scale = trl_head_transforms(model.config)
     original_forward = model.forward
 
@@ -155,11 +164,12 @@ def add_fused_lm_head(
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         head = self.get_output_embeddings()
-        backbone_outputs = None
+        router_logits = None
         if layout == "padded":
             # looked up on every call: PEFT and FSDP replace the backbone and head after patching
             backbone_outputs = self.base_model(*args, **kwargs)
             hidden = backbone_outputs.last_hidden_state
+            router_logits = getattr(backbone_outputs, "router_logits", None)
             if shift_labels is None:
                 hidden, labels = hidden[:, :-1], labels[:, 1:]
             else:
@@ -167,9 +177,10 @@ def add_fused_lm_head(
             hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
             mask = labels != -100
         else:
-            hidden, labels, mask = _relaid_rows(
-                self, layout, args, kwargs, labels, shift_labels, softcap, logit_scale
-            )
+            with _own_forward(self, original_forward):
+                hidden, labels, mask, router_logits = _relaid_rows(
+                    self, layout, args, kwargs, labels, shift_labels, softcap, logit_scale
+                )
         # an lm_head that is its own FSDP2 unit holds its weight gathered only inside its forward,
         # and reduce-scatters the gradient from its hooks: score through them
         per_token = call_head(
@@ -198,7 +209,7 @@ def add_fused_lm_head(
         loss = -log_probs.sum() / divisor
         aux_loss = None
         if kwargs.get("output_router_logits"):
-            aux_loss = _router_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
+            aux_loss = _router_aux_loss(self, text_config, router_logits, kwargs.get("attention_mask"))
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(
             loss=loss, label_mask=mask, aux_loss=aux_loss, log_probs=log_probs, **per_token
@@ -207,15 +218,58 @@ def add_fused_lm_head(
     model.forward = types.MethodType(fused_forward, model)
 
 
-# what a re-laid-out batch is made of (TRL passes use_cache=False)
-_LAYOUT_INPUTS = ("input_ids", "attention_mask", "use_cache")
+_fallbacks_warned: set[tuple[str, str]] = set()
+
+
+def _servable_layout(model, text_config, layout: str) -> str:
+    """``layout``, or ``"padded"`` (with one warning per model class and layout) when its
+    attention masks cannot serve the model: checked when the head is installed, that is when
+    the trainer is built, not at the first step."""
+    reason = None if layout == "padded" else block_layout_refusal(text_config, layout)
+    if reason is None:
+        return layout
+    key = (type(model).__name__, layout)
+    if key not in _fallbacks_warned:
+        _fallbacks_warned.add(key)
+        warnings.warn(
+            f"dpo_fast: layout={layout!r} cannot serve {key[0]}: {reason}. Using layout='padded' "
+            "(TRL's own batch) for it.",
+            stacklevel=3,
+        )
+    return "padded"
+
+
+# what a re-laid-out batch is made of (TRL passes use_cache=False; MoE models output_router_logits)
+_LAYOUT_INPUTS = ("input_ids", "attention_mask", "use_cache", "output_router_logits")
+
+
+@contextlib.contextmanager
+def _own_forward(model, forward) -> Iterator[None]:
+    """``model(...)`` calls ``forward`` (the model's own) for the duration.
+
+    The self-check runs the model's own forward from inside ours. Wrappers installed on
+    ``model.forward`` after ours must not run again there: accelerate's mixed-precision wrapper
+    is one ``torch.autocast`` instance, and entering it a second time while it is active
+    overwrites the autocast state it restores on exit, leaving autocast on after the step.
+    """
+    installed = model.__dict__.get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if installed is None:
+            del model.forward
+        else:
+            model.forward = installed
 
 
 def _relaid_rows(
     model, layout: str, args: tuple, kwargs: dict, labels, shift_labels, softcap, logit_scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For ``packed`` / ``prefix_shared``: ``(rows (N, H), labels (N,), mask (2B, T-1))``, the
-    hidden states predicting the N scored tokens, in the row-major order of ``mask``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """For ``packed`` / ``prefix_shared``: ``(rows (N, H), labels (N,), mask (2B, T-1),
+    router_logits)``: the hidden states predicting the N scored tokens, in the row-major order
+    of ``mask``, and, when ``output_router_logits`` is requested, each MoE layer's router
+    logits of TRL's real tokens laid out as TRL's padded batch (``(2B * T, experts)``)."""
     unsupported = [k for k, v in kwargs.items() if v is not None and k not in _LAYOUT_INPUTS]
     unsupported += ["positional arguments"] * bool(args) + ["shift_labels"] * (shift_labels is not None)
     if unsupported:
@@ -234,7 +288,8 @@ def _relaid_rows(
     }
     # TRL's reading of the head transforms is the one to verify: the drop-in gives TRL's numbers
     scored = scored_rows(model, batch, layout, transforms=[HeadTransform(logit_scale, softcap)])
-    rows = scored.rows()
+    router = [] if kwargs.get("output_router_logits") else None
+    rows = scored.rows(router_logits=router)
     mask = (labels[:, 1:] != -100) & (attention_mask[:, 1:] != 0)
     # the plan lists the scored tokens by sequence (= TRL's row), then position: mask's order
     if rows.shape[0] != int(mask.sum()):
@@ -242,7 +297,45 @@ def _relaid_rows(
             f"layout={layout!r}: {rows.shape[0]} scored tokens after re-laying the batch out, "
             f"{int(mask.sum())} in TRL's labels"
         )
-    return rows, scored.plan.labels, mask
+    router_logits = None
+    if router is not None:
+        where = _padded_positions(scored.plan.batch, layout, attention_mask)
+        router_logits = tuple(_to_padded(layer, where, attention_mask) for layer in router)
+    return rows, scored.plan.labels, mask, router_logits
+
+
+def _padded_positions(block: dict, layout: str, attention_mask: torch.Tensor) -> torch.Tensor:
+    """For each real token of TRL's padded batch, in row-major order, its flat index in the
+    re-laid-out ``block``: ``packed`` holds row ``r`` as block ``r``; ``prefix_shared`` holds
+    pair ``i``'s prompt once (it stands for rows ``i`` and ``B + i``), then its chosen and
+    rejected completions."""
+    doc, branch = block["doc_ids"].reshape(-1), block["branch_ids"].reshape(-1)
+    flat = torch.arange(doc.numel(), device=doc.device)
+    real = doc >= 0
+    if layout == "packed":
+        rows, flat = doc[real], flat[real]
+    else:
+        num_pairs = int(block["num_pairs"])
+        chosen = real & (branch != BRANCH_REJECTED)
+        rejected = real & (branch != BRANCH_CHOSEN)
+        rows = torch.cat([doc[chosen], doc[rejected] + num_pairs])
+        flat = torch.cat([flat[chosen], flat[rejected]])
+    # a block sits in one row of the block batch, in order: by padded row, then flat index
+    order = torch.argsort(rows * doc.numel() + flat)
+    rows, flat = rows[order], flat[order]
+    expected = attention_mask.ne(0).sum(1).to(rows.device)
+    if not torch.equal(torch.bincount(rows, minlength=expected.numel()), expected):
+        raise ValueError(f"layout={layout!r}: the re-laid-out batch does not hold TRL's real tokens")
+    return flat
+
+
+def _to_padded(logits: torch.Tensor, where: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One layer's router logits of the block batch, ``(R * L, E)``, moved to TRL's padded
+    ``(2B * T, E)`` positions (zeros at padding, which the aux loss masks out)."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    real = attention_mask.reshape(-1).ne(0).to(logits.device)
+    padded = logits.new_zeros((real.numel(), logits.shape[-1]))
+    return padded.index_put((real.nonzero().squeeze(1),), logits.index_select(0, where.to(logits.device)))
 
 
 def _score(
