@@ -86,7 +86,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             to the loss, as Liger (RPO-style for the DPO family). For ``cpo`` it is passed as
             the loss's ``chosen_nll``; ``orpo`` always includes ``alpha * nll`` (its
             definition, TRL's ORPO for ``alpha = 1``).
-        use_ref_model: False means reference log-probs of 0 for losses that need them (Liger);
+        use_ref_model: False means reference log-probs of 0 for losses that need them, and
+            ``ref_hidden``/``ref_weight``/``ref_bias`` are ignored (Liger's convention);
             True (default) requires ``ref_hidden`` or ``ref_chosen_logps``/``ref_rejected_logps``.
         average_log_prob: feed mean token log-probs to the loss instead of sums (Liger's
             option; TRL's DPO sums). The loss then sees token counts of 1 (``ipo``,
@@ -283,6 +284,16 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_rejected_logps,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The reference log-probs: given, scored from ``ref_hidden``, zeros or None."""
+        needs_ref = sorted(set(self.loss_types) - REFERENCE_FREE)
+        if not self.use_ref_model:
+            if ref_chosen_logps is not None or ref_rejected_logps is not None:
+                raise ValueError(
+                    "ref_chosen_logps/ref_rejected_logps were passed to a loss built with "
+                    "use_ref_model=False; build it with use_ref_model=True to use them"
+                )
+            # Liger's convention: a reference of log-prob 0; ref_hidden and ref_weight are ignored
+            zeros = torch.zeros_like(sums[:P])
+            return (zeros, zeros) if needs_ref else (None, None)
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             if ref_hidden is not None:
                 raise ValueError("pass ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
@@ -301,13 +312,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     **self.head_options,
                 )
             return ref_sums[:P], ref_sums[P:]
-        needs_ref = sorted(set(self.loss_types) - REFERENCE_FREE)
         if not needs_ref:
             return None, None
-        if self.use_ref_model:
-            raise ValueError(
-                f"{needs_ref} need reference log-probs: pass ref_hidden (and ref_weight) or "
-                "ref_chosen_logps and ref_rejected_logps, or construct with use_ref_model=False"
-            )
-        zeros = torch.zeros_like(sums[:P])
-        return zeros, zeros
+        raise ValueError(
+            f"{needs_ref} need reference log-probs: pass ref_hidden (and ref_weight) or "
+            "ref_chosen_logps and ref_rejected_logps, or construct with use_ref_model=False"
+        )

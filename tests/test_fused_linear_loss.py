@@ -272,3 +272,23 @@ def test_gpu_matches_liger_bf16():
     assert_close(ours[0], theirs[0], 2e-2, "loss")
     for got, want in zip(ours[2], theirs[2], strict=True):
         assert_close(got.float(), want.float(), 5e-2, "grads")
+
+
+def test_no_ref_model_ignores_reference_inputs():
+    """use_ref_model=False scores against a reference of 0 even when reference inputs are
+    passed (Liger's convention), instead of using them."""
+    head = make_head()
+    without = {k: v for k, v in head.items() if not k.startswith("ref_")}
+    module = FusedLinearPreferenceLoss(beta=0.3, use_ref_model=False)
+    compare(forward_and_grads(module, head), forward_and_grads(module, without))
+    with_reference = forward_and_grads(FusedLinearPreferenceLoss(beta=0.3), head)
+    assert not torch.isclose(with_reference[0], forward_and_grads(module, head)[0]), "reference was used"
+    P = head["hidden"].shape[0] // 2
+    with pytest.raises(ValueError, match="use_ref_model=False"):
+        module(
+            head["lin_weight"],
+            head["hidden"],
+            head["labels"],
+            ref_chosen_logps=torch.zeros(P),
+            ref_rejected_logps=torch.zeros(P),
+        )
