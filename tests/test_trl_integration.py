@@ -399,3 +399,98 @@ def test_fast_dpo_trainer_layouts_match_trl(
     ours = train_trl(trainer, pairs, tokenizer, tmp_path, SEED, loss_type=["sigmoid"])
     assert kernel_calls and set(lowered) == {layout}
     assert_logs_match(ours, reference)
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+    )
+    return MixtralForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_layouts_moe_router_aux_loss_equals_padded(layout):
+    """The router logits of TRL's real tokens, moved back to TRL's order: the load-balancing
+    loss (value and gradients) of a re-laid-out batch equals the padded layout's."""
+    padded = tiny_mixtral()
+    relaid = copy.deepcopy(padded)
+    fast_trl.add_fused_lm_head(padded)
+    fast_trl.add_fused_lm_head(relaid, layout=layout)
+    input_ids, attention_mask, labels = preference_batch(61)
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "fused_lm_head": True,
+    }
+    a, b = padded(**kwargs, output_router_logits=True), relaid(**kwargs, output_router_logits=True)
+    assert float(a.aux_loss) > 0
+    torch.testing.assert_close(b.aux_loss, a.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.log_probs, a.log_probs, rtol=1e-5, atol=1e-5)
+    a.aux_loss.backward()
+    b.aux_loss.backward()
+    gate = "model.layers.0.mlp.gate.weight"
+    grads = {name: p.grad for name, p in relaid.named_parameters()}
+    torch.testing.assert_close(grads[gate], padded.get_parameter(gate).grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix_shared"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_models_leave_autocast_as_found(tokenizer, layout, dtype):
+    """accelerate wraps ``model.forward`` in one ``torch.autocast`` instance after our head is
+    installed; the layouts' self-check must not enter it a second time (that left CPU autocast
+    on after the step, and TRL's gradient clipping then failed)."""
+    model = tiny_llama(tokenizer).to(dtype)
+    fast_trl.add_fused_lm_head(model, layout=layout)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # what accelerate does
+    input_ids, attention_mask, labels = preference_batch(model.config.vocab_size)
+    for _ in range(2):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        assert not torch.is_autocast_enabled("cpu"), "autocast left on"
+        out.log_probs.sum().backward()
+    assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the default, untouched
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters() if p.requires_grad)
+
+
+def test_layout_that_cannot_serve_a_model_falls_back_with_one_warning(tokenizer):
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    config = Lfm2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        full_attn_idxs=[1],
+        block_multiple_of=8,
+    )
+    model = Lfm2ForCausalLM(config).float()
+    theirs = copy.deepcopy(model)
+    fast_trl._fallbacks_warned.clear()
+    with pytest.warns(
+        UserWarning, match=r"layout='packed' cannot serve Lfm2ForCausalLM: its 'conv' layers"
+    ) as seen:
+        fast_trl.add_fused_lm_head(model, layout="packed")
+        fast_trl.add_fused_lm_head(copy.deepcopy(model), layout="packed")  # the reference model
+    assert len([w for w in seen if "cannot serve" in str(w.message)]) == 1
+    trl_add_fused_lm_head(theirs)
+    input_ids, attention_mask, labels = preference_batch(model.config.vocab_size)
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "fused_lm_head": True,
+    }
+    torch.testing.assert_close(model(**kwargs).log_probs, theirs(**kwargs).log_probs, rtol=1e-5, atol=1e-5)
