@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench peer-tests
 
 # Keep an installed torch. Without one, take the CPU build on machines with no GPU:
 # a bare `pip install torch` would download several GB of CUDA packages.
@@ -26,3 +26,8 @@ lint:
 
 bench: install
 	$(PYTHON) benchmarks/bench_logprobs.py
+
+# The peers' own suites against dpo_fast: Liger 0.8.5's chunked-loss tests (fetched from PyPI)
+# and, with DPO_FAST_TRL_SOURCE=<a TRL checkout>, TRL's DPO trainer tests in every mode.
+peer-tests: install
+	$(PYTHON) tests/peers/run.py $(if $(DPO_FAST_TRL_SOURCE),all,liger)
