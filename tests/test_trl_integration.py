@@ -189,8 +189,7 @@ def test_head_under_bf16_autocast(tokenizer, cast_to_fp32):
     )
 
 
-def test_head_moe_router_aux_loss_matches_trl():
-    """MoE models that request router logits add TRL's load-balancing loss."""
+def tiny_mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
@@ -205,7 +204,12 @@ def test_head_moe_router_aux_loss_matches_trl():
         output_router_logits=True,
         router_aux_loss_coef=0.02,
     )
-    model = MixtralForCausalLM(config).float()
+    return MixtralForCausalLM(config).float()
+
+
+def test_head_moe_router_aux_loss_matches_trl():
+    """MoE models that request router logits add TRL's load-balancing loss."""
+    model = tiny_mixtral()
     theirs = copy.deepcopy(model)
     fast_trl.add_fused_lm_head(model)
     trl_add_fused_lm_head(theirs)
@@ -399,24 +403,6 @@ def test_fast_dpo_trainer_layouts_match_trl(
     ours = train_trl(trainer, pairs, tokenizer, tmp_path, SEED, loss_type=["sigmoid"])
     assert kernel_calls and set(lowered) == {layout}
     assert_logs_match(ours, reference)
-
-
-def tiny_mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        output_router_logits=True,
-        router_aux_loss_coef=0.02,
-    )
-    return MixtralForCausalLM(config).float()
 
 
 @pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
