@@ -30,10 +30,12 @@ inputs run in float32, where Liger computes its log-softmax too.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..linear_logprobs import linear_sequence_logprobs
-from ..preference_loss import preference_loss
+from ..preference_loss import PreferenceLossSpec, preference_loss
 
 __all__ = [
     "LigerFusedLinearCPOFunction",
@@ -77,6 +79,33 @@ def check_dpo_options(loss_type: str, label_smoothing: float) -> None:
         raise ValueError(
             f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'. Got {label_smoothing}."
         )
+
+
+@functools.lru_cache(maxsize=64)
+def loss_spec(
+    kind: str,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    gamma: float = 0.5,
+) -> PreferenceLossSpec:
+    """The validated :class:`dpo_fast.PreferenceLossSpec` of a Liger loss (built once per
+    option set: modules build it at construction, the Functions find it cached)."""
+    if kind == "dpo":
+        check_dpo_options(loss_type, label_smoothing)
+        # Liger's other DPO variants take no label smoothing (its sigmoid is not cDPO)
+        smoothing = label_smoothing if loss_type in ("robust", "exo_pair") else 0.0
+        return PreferenceLossSpec(
+            loss_type=loss_type, beta=beta, label_smoothing=smoothing, discopop_tau=discopop_tau
+        )
+    if kind == "simpo":
+        return PreferenceLossSpec(
+            loss_type="simpo", beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma
+        )
+    if kind == "cpo":
+        return PreferenceLossSpec(loss_type="cpo", beta=beta, label_smoothing=label_smoothing)
+    return PreferenceLossSpec(loss_type="orpo", beta=beta)
 
 
 def _check_inputs(_input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> None:
@@ -139,6 +168,7 @@ def _preference_head(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Liger's loss and aux outputs for ``kind`` in ``("dpo", "cpo", "simpo", "orpo")``,
     differentiable in ``_input``, ``weight`` and ``bias``."""
+    spec = loss_spec(kind, beta, loss_type, label_smoothing, discopop_tau, gamma)  # before any work
     _check_inputs(_input, weight, target)
     P = _input.shape[0] // 2
     sums, counts = _sequence_logps(_input, weight, bias, target, ignore_index)
@@ -171,24 +201,14 @@ def _preference_head(
         seen, loss_lengths = sums, lengths
     else:
         seen, loss_lengths = (means if average_log_prob else sums), None
-    smoothing = label_smoothing
-    if kind == "dpo" and loss_type not in ("robust", "exo_pair"):
-        smoothing = 0.0  # Liger's other DPO variants take no label smoothing
-    options = {
-        "dpo": {"loss_type": loss_type, "discopop_tau": discopop_tau},
-        "cpo": {"loss_type": "cpo"},
-        "simpo": {"loss_type": "simpo", "simpo_gamma": gamma},
-        "orpo": {"loss_type": "orpo", "chosen_nll": nll},
-    }[kind]
     out = preference_loss(
         seen[:P],
         seen[P:],
         *refs,
         chosen_lengths=None if loss_lengths is None else loss_lengths[:P],
         rejected_lengths=None if loss_lengths is None else loss_lengths[P:],
-        beta=beta,
-        label_smoothing=smoothing,
-        **options,
+        chosen_nll=nll if kind == "orpo" else None,
+        spec=spec,
     )
     loss = out.loss if kind == "orpo" else out.loss + alpha * nll
     logps = (means if kind in ("simpo", "orpo") or average_log_prob else sums).detach()
@@ -257,7 +277,6 @@ class LigerFusedLinearDPOFunction(torch.autograd.Function):
         discopop_tau=0.05,
         alpha=1.0,
     ):
-        check_dpo_options(loss_type, label_smoothing)
         return _fused_forward(
             ctx,
             "dpo",
@@ -432,7 +451,7 @@ class LigerFusedLinearDPOLoss(torch.nn.Module):
         discopop_tau: float = 0.05,
     ):
         super().__init__()
-        check_dpo_options(loss_type, label_smoothing)
+        loss_spec("dpo", beta, loss_type, label_smoothing, discopop_tau)  # Liger's checks, then ours
         self.ignore_index = ignore_index
         self.beta = beta
         self.alpha = alpha
@@ -483,6 +502,7 @@ class LigerFusedLinearCPOLoss(torch.nn.Module):
         chunk_size: int = 1,
     ):
         super().__init__()
+        loss_spec("cpo", beta, label_smoothing=label_smoothing)
         self.ignore_index = ignore_index
         self.beta = beta
         self.alpha = alpha
@@ -524,6 +544,7 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
         chunk_size: int = 1,
     ):
         super().__init__()
+        loss_spec("simpo", beta, label_smoothing=label_smoothing, gamma=gamma)
         self.ignore_index = ignore_index
         self.beta = beta
         self.alpha = alpha
@@ -563,6 +584,7 @@ class LigerFusedLinearORPOLoss(torch.nn.Module):
         chunk_size: int = 1,
     ):
         super().__init__()
+        loss_spec("orpo", beta)
         self.ignore_index = ignore_index
         self.beta = beta
         self.compute_nll_loss = compute_nll_loss
