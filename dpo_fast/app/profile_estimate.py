@@ -90,7 +90,6 @@ def fake_execution(fake_mode: FakeTensorMode, meter: StorageMeter) -> Iterator[N
     from transformers import masking_utils
     from transformers.integrations import flex_attention as hf_flex
 
-
     lower_batch = hf_forward.lower_batch
     builders = {name: getattr(hf_plan, name) for name in ("dense_attention_mask", "flex_block_mask")}
 
