@@ -1,500 +1,299 @@
-"""DPO in a plain PyTorch loop on dpo_fast's kernels (no TRL): what ``dpo-fast train`` runs.
+"""``dpo-fast train``: TRL's ``DPOTrainer`` with dpo_fast's fused head inside, as ``trl dpo`` runs it.
 
-Data flow: pairs (:mod:`dpo_fast.app.pairs`) -> a tokenizer (a local one, or a BPE learned from
-the pairs) -> every pair tokenized and truncated once -> the reference model's log-probs
-precomputed once (:mod:`dpo_fast.reference_logps`, cached) -> each step: a shuffled batch
-collated for the layout -> :func:`dpo_fast.concatenated_forward` (policy, fused head) ->
-:func:`dpo_fast.preference_loss.preference_loss` -> AdamW. Per-step metrics go to
-``<output_dir>/metrics.jsonl``; checkpoints to ``<output_dir>/checkpoint``.
+Order of work, cheapest checks first so a user error costs seconds: arguments
+(:mod:`dpo_fast.app.options`) -> the output folder (an interrupted save undone, a resume's
+checkpoint found and its run signature compared, :mod:`dpo_fast.app.checkpoints`) -> the data
+(:mod:`dpo_fast.app.pairs`: local files read and checked line by line) -> the demo's random
+model (:mod:`dpo_fast.app.demo`) or the user's tokenizer -> TRL's trainer
+(:class:`dpo_fast.integrations.trl.FastDPOTrainer` at ``--layout``, with atomic checkpoints)
+-> training -> the final model, written whole into ``--output_dir`` -> a summary.
 
-The reference model is the initial policy: a model directory, or a random Llama built from a
-named config (:data:`MODEL_CONFIGS`) with a fixed seed, so ``--resume`` can rebuild it.
+Everything else (chat templates, LoRA, accumulation, precision, evaluation, logging
+integrations, multi-GPU through accelerate) is TRL's and transformers'.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
+import os
 import resource
-import statistics
+import shutil
 import sys
-import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from ..collate import Pair, PreferenceCollator
-from ..constants import LAYOUTS, LOSS_TYPES, REFERENCE_FREE
-from ..hf import concatenated_forward
-from ..preference_loss import preference_loss
-from ..reference_logps import ReferenceLogps, precompute_reference_logps, to_device
-from .pairs import BUNDLED_DATA, DataError, load_preference_data, train_bpe_tokenizer
-
-# Random-init Llama shapes for runs without --model. "tiny" trains in minutes on a laptop
-# CPU; "small" (~30M parameters with its 8k vocabulary) is the GPU default.
-MODEL_CONFIGS: dict[str, dict[str, int]] = {
-    "tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 176,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
-    "small": {
-        "hidden_size": 512,
-        "intermediate_size": 1408,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-    },
-}
-BPE_VOCAB = {"tiny": 512, "small": 8192}
-CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.pt"
+from .checkpoints import (
+    AtomicCheckpoints,
+    check_fresh_output,
+    check_resume,
+    fsync_tree,
+    model_fingerprint,
+    recover,
+    resolve_resume,
+    run_signature,
+)
+from .demo import CPU_TRAIN_PAIRS, DEMO_MODEL_DIR, build_demo_model, demo_size
+from .errors import UserError
+from .options import TrainOptions, parse_train_args
+from .pairs import check_dataset, data_fingerprint, load_splits
 
 
-class SetupError(ValueError):
-    """A problem with the user's model, tokenizer, checkpoint or options (one-line message)."""
+def _enum_value(value: Any) -> str:
+    return str(getattr(value, "value", value))
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Options of a training run (the ``dpo-fast train`` flags). ``None`` means "pick for the
-    device": the tiny config on CPU, the small one on a GPU."""
+def _data_fingerprint(options: TrainOptions) -> str:
+    if options.mixture.datasets:
+        import hashlib
 
-    data: str | None = None  # JSONL(.gz); None: the bundled hh-rlhf subset
-    model: str | None = None  # a local HF causal LM directory; None: random init
-    model_config: str | None = None  # "tiny" / "small" (random init)
-    tokenizer: str | None = None  # a local tokenizer directory; None: the model's, or a BPE
-    vocab_size: int | None = None  # the BPE's size
-    loss_type: Sequence[str] = ("sigmoid",)
-    loss_weights: Sequence[float] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    layout: str = "padded"
-    steps: int | None = None
-    batch_size: int | None = None
-    max_length: int | None = None
-    max_prompt_length: int | None = None  # default: half of max_length
-    lr: float | None = None
-    warmup_steps: int | None = None
-    max_grad_norm: float = 1.0
-    train_pairs: int | None = None  # pairs to train on (first of the file); None: all but eval
-    eval_pairs: int = 64  # the next pairs, held out: accuracy after training
-    skip_invalid: bool = False
-    output_dir: str = "dpo_fast_run"
-    save_every: int = 0  # 0: only at the end
-    resume: bool = False
-    seed: int = 0
-    backend: str = "auto"
-    device: str | None = None
-    progress: bool = True
-
-    def resolved(self, device: torch.device) -> TrainConfig:
-        """A copy with the device-dependent defaults filled in and every option checked."""
-        gpu = device.type == "cuda"
-        defaults = {
-            "model_config": "small" if gpu else "tiny",
-            "steps": 300 if gpu else 60,
-            "batch_size": 32 if gpu else 16,
-            "max_length": 512 if gpu else 160,
-            "lr": 3e-4 if gpu else 2e-3,
-            # the CPU demo trains on a part of the bundled pairs; a user's file is used whole
-            "train_pairs": 192 if not gpu and self.data is None else None,
-        }
-        config = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-        if config.vocab_size is None:
-            config.vocab_size = BPE_VOCAB.get(config.model_config, 512)
-        if config.max_prompt_length is None:
-            config.max_prompt_length = config.max_length // 2
-        if config.warmup_steps is None:
-            config.warmup_steps = max(1, config.steps // 20)
-        config.loss_type = tuple(config.loss_type)
-        _check_config(config)
-        return config
+        parts = [json.dumps(options.mixture.__dict__, default=lambda v: v.__dict__, sort_keys=True)]
+        parts += [data_fingerprint(d.path, d.name) for d in options.mixture.datasets]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return data_fingerprint(options.script.dataset_name, options.script.dataset_config)
 
 
-def _check_config(config: TrainConfig) -> None:
-    unknown = [t for t in config.loss_type if t not in LOSS_TYPES]
-    if unknown or not config.loss_type:
-        raise SetupError(f"--loss-type must be names from {', '.join(LOSS_TYPES)}; got {unknown or 'none'}")
-    if config.loss_weights is not None and len(config.loss_weights) != len(config.loss_type):
-        raise SetupError(
-            f"--loss-weights needs one weight per loss type ({len(config.loss_type)}), "
-            f"got {len(config.loss_weights)}"
+def _load_data(options: TrainOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """``{split: Dataset}`` of checked pairs, from ``--dataset_name``, the config's ``datasets``
+    mixture, or the bundled subset."""
+    if not options.mixture.datasets:
+        s = options.script
+        return load_splits(
+            s.dataset_name,
+            config_name=s.dataset_config,
+            streaming=s.dataset_streaming,
+            skip_invalid=options.app.skip_invalid,
+            log=log,
         )
-    if config.layout not in LAYOUTS:
-        raise SetupError(f"--layout must be one of {', '.join(LAYOUTS)}, got {config.layout!r}")
-    if config.model is None and config.model_config not in MODEL_CONFIGS:
-        raise SetupError(
-            f"--model-config must be one of {', '.join(MODEL_CONFIGS)}, got {config.model_config!r}"
-        )
-    positive = ("steps", "batch_size", "max_length", "max_prompt_length", "vocab_size")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    if config.max_prompt_length >= config.max_length:
-        raise SetupError(
-            f"--max-prompt-length ({config.max_prompt_length}) must leave room for the completion "
-            f"within --max-length ({config.max_length})"
-        )
-    if not config.lr > 0 or not config.beta > 0:
-        raise SetupError(f"--lr and --beta must be > 0, got lr={config.lr}, beta={config.beta}")
-    if config.eval_pairs < 0 or (config.train_pairs is not None and config.train_pairs < 1):
-        raise SetupError("--train-pairs must be >= 1 and --eval-pairs >= 0")
+    from trl import get_dataset
+
+    try:
+        loaded = get_dataset(options.mixture)
+    except Exception as error:  # datasets raises many types; all mean "cannot load"
+        raise UserError(
+            f"datasets (config file): cannot load: {str(error).strip().splitlines()[0]}"
+        ) from None
+    return {
+        str(k): check_dataset(v, f"datasets [{k}]", options.app.skip_invalid, log) for k, v in loaded.items()
+    }
 
 
-def _load_tokenizer(config: TrainConfig, train_pairs: list[dict[str, str]], log: Callable[[str], None]):
+def _pick_splits(options: TrainOptions, splits: dict[str, Any]) -> tuple[Any, Any]:
+    script, training = options.script, options.training
+    source = script.dataset_name or (
+        "the config's datasets" if options.mixture.datasets else "the bundled data"
+    )
+    if script.dataset_train_split not in splits:
+        raise UserError(
+            f"--dataset_train_split {script.dataset_train_split}: {source} has no such split "
+            f"(it has {', '.join(splits)})"
+        )
+    train = splits[script.dataset_train_split]
+    if options.demo_model and options.bundled_data and demo_size() == "tiny":
+        train = train.select(range(min(CPU_TRAIN_PAIRS, len(train))))
+    if _enum_value(training.eval_strategy) == "no":
+        return train, None
+    if script.dataset_test_split not in splits:
+        raise UserError(
+            f"--eval_strategy {_enum_value(training.eval_strategy)} needs evaluation data: {source} has no "
+            f"{script.dataset_test_split!r} split (it has {', '.join(splits)}); name one with "
+            "--dataset_test_split, or put e.g. train.jsonl and test.jsonl in one folder"
+        )
+    return train, splits[script.dataset_test_split]
+
+
+def _check_tokenizer(options: TrainOptions, model_path: str, first_row: dict[str, Any]) -> None:
+    """The tokenizer loads, and has a chat template when the data is conversational."""
     from transformers import AutoTokenizer
 
-    checkpoint = Path(config.output_dir) / CHECKPOINT
-    source = checkpoint if config.resume else config.tokenizer or config.model
-    if source is not None:
-        if not Path(source).is_dir():
-            raise SetupError(f"--tokenizer {source} is not a directory (local tokenizers only: no downloads)")
-        try:
-            # local only: a typo must not turn into a Hugging Face Hub download
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        except (OSError, ValueError) as error:
-            hint = "" if config.tokenizer or config.resume else "; pass --tokenizer"
-            raise SetupError(f"cannot load a tokenizer from {source}: {_first_line(error)}{hint}") from None
-    else:
-        tokenizer = train_bpe_tokenizer(train_pairs, vocab_size=config.vocab_size)
-        log(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, learned from the {len(train_pairs)} pairs")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _build_model(config: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
-    """The initial policy (= the reference model), in fp32 on ``device``."""
-    if config.model is None:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(config.seed)
-        model_config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=max(config.max_length, 128),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            tie_word_embeddings=False,
-            **MODEL_CONFIGS[config.model_config],
-        )
-        return LlamaForCausalLM(model_config).to(device)
-    from transformers import AutoModelForCausalLM
-
-    path = Path(config.model)
-    if not (path / "config.json").is_file():
-        raise SetupError(f"--model {path} is not a Hugging Face model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise SetupError(
-            f"--model {path} is not a causal LM that transformers can load: {_first_line(error)}"
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path,
+            revision=options.model.model_revision,
+            trust_remote_code=options.training.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"cannot load a tokenizer from {model_path}: {str(error).strip().splitlines()[0]}"
         ) from None
-    embeddings = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > embeddings:
-        raise SetupError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {embeddings}: "
-            "pass the model's own tokenizer with --tokenizer"
+    if not isinstance(first_row["chosen"], str) and not tokenizer.chat_template:
+        raise UserError(
+            f"the data is conversational (message lists) but the tokenizer in {model_path} has no chat "
+            "template; set one (tokenizer.chat_template) or use string prompts"
         )
-    return model.to(device)
 
 
-def _tokenize(pairs: list[dict[str, str]], collator: PreferenceCollator, where: str) -> list[Pair]:
-    try:
-        return collator.pairs(pairs)
-    except ValueError as error:
-        raise DataError(f"{where}: {_first_line(error)}") from None
+def _make_trainer(options: TrainOptions, model_path: str, train, evaluation, callbacks: list):
+    from transformers import ProgressCallback
+    from trl import get_peft_config, get_quantization_config
 
+    from ..integrations.trl import FastDPOTrainer
+    from .callbacks import MetricsProgress
 
-def _as_examples(pairs: list[Pair]) -> list[dict[str, list[int]]]:
-    return [dataclasses.asdict(pair) for pair in pairs]
+    class Trainer(AtomicCheckpoints, FastDPOTrainer):
+        """TRL's DPOTrainer on dpo_fast's head, with atomic checkpoints."""
 
-
-def _batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The example indices of ``step``: epochs of seeded permutations, a pure function of the
-    step so a resumed run continues the same order."""
-    per_epoch = num_examples // batch_size
-    epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[offset * batch_size : (offset + 1) * batch_size]
-
-
-def _loss(out, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, config: TrainConfig):
-    """The configured preference loss (a ``dpo_fast.preference_loss.PreferenceLossOutput``) of a
-    ``ConcatenatedOutput``."""
-    reference_free = all(t in REFERENCE_FREE for t in config.loss_type)
-    needs_nll = bool({"orpo", "cpo"} & set(config.loss_type))
-    chosen_nll = -out.chosen_logps.sum() / out.chosen_tokens.sum().clamp(min=1) if needs_nll else None
-    return preference_loss(
-        out.chosen_logps,
-        out.rejected_logps,
-        None if reference_free else ref_chosen,
-        None if reference_free else ref_rejected,
-        loss_type=list(config.loss_type),
-        loss_weights=config.loss_weights,
-        beta=config.beta,
-        label_smoothing=config.label_smoothing,
-        chosen_lengths=out.chosen_tokens,
-        rejected_lengths=out.rejected_tokens,
-        chosen_nll=chosen_nll,
-        backend=config.backend,
-    )
-
-
-def _autocast(device: torch.device):
-    # bf16 matmuls with fp32 master weights on GPUs; fp32 on CPU (bf16 CPU matmuls are slow)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    examples: list[dict[str, list[int]]],
-    reference: ReferenceLogps,
-    collator: PreferenceCollator,
-    config: TrainConfig,
-    device: torch.device,
-) -> dict[str, float]:
-    """Mean loss, reward accuracy and margin of ``model`` over ``examples`` (no gradient)."""
-    totals: dict[str, float] = {}
-    for start in range(0, len(examples), config.batch_size):
-        index = slice(start, start + config.batch_size)
-        batch = to_device(collator(examples[index]), device)
-        with _autocast(device):
-            out = concatenated_forward(model, batch, layout=config.layout, grad=False, backend=config.backend)
-        result = _loss(out, reference.chosen[index].to(device), reference.rejected[index].to(device), config)
-        count = out.chosen_logps.shape[0]
-        for name, value in {"loss": result.loss, **result.metrics}.items():
-            totals[name] = totals.get(name, 0.0) + float(value) * count
-    return {name: value / len(examples) for name, value in totals.items()}
-
-
-def _lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _save_checkpoint(model, tokenizer, optimizer, step: int, config: TrainConfig) -> None:
-    directory = Path(config.output_dir) / CHECKPOINT
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(config)}
-    torch.save(state, directory / STATE_FILE)
-
-
-def _peak_memory(device: torch.device) -> tuple[str, int]:
-    if device.type == "cuda":
-        return "peak GPU memory", torch.cuda.max_memory_allocated(device)
-    # ru_maxrss is in KiB on Linux, bytes on macOS
-    scale = 1 if sys.platform == "darwin" else 1024
-    return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _reference_cache(config: TrainConfig) -> Path:
-    """Next to the user's data file when that folder is writable; in the output folder for the
-    bundled data (installed packages may be read-only) or read-only data folders."""
-    if config.data is not None:
-        data = Path(config.data)
-        probe = data.parent / f".{data.name}.write-test"
-        try:
-            probe.touch()
-            probe.unlink()
-            return data.with_name(f"{data.name}.ref-logps.pt")
-        except OSError:
-            pass
-    return Path(config.output_dir) / "reference_logps.pt"
-
-
-@dataclasses.dataclass
-class _Run:
-    """Everything a run prepares before its first step."""
-
-    model: nn.Module
-    tokenizer: Any
-    collator: PreferenceCollator  # token ids -> a batch of the layout
-    train: list[dict[str, list[int]]]
-    held_out: list[dict[str, list[int]]]
-    train_reference: ReferenceLogps
-    held_out_reference: ReferenceLogps
-
-
-def _prepare(config: TrainConfig, device: torch.device, log: Callable[[str], None]) -> _Run:
-    """Data, tokenizer, model and reference log-probs."""
-    limit = None if config.train_pairs is None else config.train_pairs + config.eval_pairs
-    pairs = load_preference_data(config.data, limit=limit, skip_invalid=config.skip_invalid)
-    num_eval = min(config.eval_pairs, len(pairs) // 4)
-    num_train = len(pairs) - num_eval
-    if config.train_pairs is not None:
-        num_train = min(num_train, config.train_pairs)
-    source = config.data or f"{BUNDLED_DATA.name} (bundled hh-rlhf subset)"
-    log(f"data: {num_train} training pairs, {num_eval} held out, from {source}")
-
-    tokenizer = _load_tokenizer(config, pairs[:num_train], log)
-    text_collator = PreferenceCollator(
-        tokenizer,
-        layout=config.layout,
-        max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length,
-    )
-    examples = _as_examples(_tokenize(pairs, text_collator, str(config.data or BUNDLED_DATA)))
-    model = _build_model(config, tokenizer, device)
-    parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    what = config.model or f"random-init Llama ({config.model_config} config)"
-    log(f"model: {what}, {parameters:.2f}M parameters, on {device}, layout {config.layout}")
-
-    collator = PreferenceCollator(layout=config.layout, pad_token_id=tokenizer.pad_token_id)
-    if all(t in REFERENCE_FREE for t in config.loss_type):
-        zeros = torch.zeros(len(examples))  # never read: the loss sees no reference
-        reference = ReferenceLogps(zeros, zeros)
-    else:
-        reference = precompute_reference_logps(
-            model,
-            examples,
-            layout=config.layout,
-            batch_size=config.batch_size,
-            collator=collator,
-            cache=_reference_cache(config),
-            progress=config.progress,
-            backend=config.backend,
-        )
-    split = slice(None, num_train), slice(num_train, None)
-    return _Run(
-        model,
-        tokenizer,
-        collator,
-        examples[split[0]],
-        examples[split[1]],
-        *(ReferenceLogps(reference.chosen[part], reference.rejected[part]) for part in split),
-    )
-
-
-def _step(run: _Run, step: int, optimizer, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """One optimizer step on the step's batch; its metrics."""
-    index = _batch_indices(step, len(run.train), min(config.batch_size, len(run.train)), config.seed)
-    batch = to_device(run.collator([run.train[i] for i in index]), device)
-    for group in optimizer.param_groups:
-        group["lr"] = config.lr * _lr_factor(step, config)
-    with _autocast(device):
-        out = concatenated_forward(run.model, batch, layout=config.layout, backend=config.backend)
-    reference = run.train_reference
-    result = _loss(out, reference.chosen[index].to(device), reference.rejected[index].to(device), config)
-    result.loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = sum(
-        2 * len(run.train[i]["prompt_ids"])
-        + len(run.train[i]["chosen_ids"])
-        + len(run.train[i]["rejected_ids"])
-        for i in index.tolist()
-    )
-    return {
-        "step": step + 1,
-        "loss": float(result.loss.detach()),
-        "grad_norm": float(grad_norm),
-        "lr": optimizer.param_groups[0]["lr"],
-        **{name: float(value) for name, value in result.metrics.items()},
-        "tokens": tokens,
+    training, model = options.training, options.model
+    # as TRL's `trl dpo` script builds them
+    init_kwargs = {
+        "revision": model.model_revision,
+        "trust_remote_code": training.trust_remote_code,
+        "attn_implementation": model.attn_implementation,
+        "dtype": model.dtype,
+        **(training.model_init_kwargs or {}),
     }
+    training.model_init_kwargs = init_kwargs
+    trainer = Trainer(
+        model=model_path,
+        args=training,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        peft_config=get_peft_config(model),
+        quantization_config=get_quantization_config(model),
+        callbacks=callbacks,
+        layout=options.app.layout,
+    )
+    if not training.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(MetricsProgress())
+    return trainer
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run DPO as ``config`` says; returns the run's summary (also saved as ``summary.json``).
+def save_final_model(trainer, output_dir: Path) -> None:
+    """``trainer.save_model`` into ``output_dir`` (what ``from_pretrained(output_dir)`` loads):
+    written to a hidden folder, fsynced, then each file renamed into place."""
+    staging = output_dir / ".final-model.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        fsync_tree(staging)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, output_dir / file.name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _progression(log_history: list[dict], rows: int = 6) -> list[str]:
+    """Loss, reward accuracy and margin averaged over ``rows`` equal windows of the logged steps."""
+    records = [r for r in log_history if "loss" in r and "rewards/accuracies" in r]
+    if not records:
+        return []
+    size = max(1, len(records) // rows)
+    lines = ["  steps       loss   reward acc   margin"]
+    for start in range(0, len(records) - size + 1, size):
+        window = records[start : start + size]
+
+        def mean(key: str, window: list[dict] = window) -> float:
+            return sum(r[key] for r in window) / len(window)
+
+        first, end = window[0]["step"], window[-1]["step"]
+        lines.append(
+            f"  {first:>4}-{end:<4}  {mean('loss'):7.3f}   {mean('rewards/accuracies'):8.2f}   "
+            f"{mean('rewards/margins'):7.3f}"
+        )
+    return lines
+
+
+def _peak_memory() -> str:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20:,.0f} MiB"
+
+
+def summary(log_history: list[dict], evaluation: dict[str, float] | None, output_dir: Path) -> list[str]:
+    """The lines printed after training."""
+    lines = ["", "reward accuracy and margin on the training batches:", *_progression(log_history)]
+    end = next((r for r in reversed(log_history) if "train_runtime" in r), None)
+    if end is not None:
+        rate = end.get("train_steps_per_second") or 0
+        lines.append(
+            f"{end['train_runtime']:.0f} s this run, {1 / rate if rate else 0:.3f} s/step, {_peak_memory()}"
+        )
+    if evaluation:
+        lines.append(
+            f"evaluation data: loss {evaluation['eval_loss']:.3f}, reward accuracy "
+            f"{evaluation.get('eval_rewards/accuracies', float('nan')):.2f}, "
+            f"margin {evaluation.get('eval_rewards/margins', float('nan')):.3f}"
+        )
+    outputs = ["the final model"] + [
+        name
+        for name in ("training_curves.png", "runs/ (TensorBoard)")
+        if (output_dir / name.split()[0]).exists()
+    ]
+    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    if checkpoints:
+        outputs.insert(1, f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}")
+    lines.append(f"outputs in {output_dir}/: {', '.join(outputs)}")
+    return lines
+
+
+def run(argv: list[str], log: Callable[[str], None] = print) -> int:
+    """``dpo-fast train ARGV``; returns the exit status (128 + the signal when SIGINT or SIGTERM
+    stopped it after saving a checkpoint).
 
     Raises:
-        DataError, SetupError: a problem with the user's data, model or options.
-        torch.OutOfMemoryError: out of GPU memory (the CLI suggests smaller settings).
+        UserError: one line, before the data is tokenized or any model is loaded.
     """
-    from tqdm.auto import tqdm
+    # transformers renamed gradient checkpointing and warns whenever TRL reads or sets the old
+    # name (its default), not only when the user passes it: noise on every run
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing` is deprecated", FutureWarning)
+    options = parse_train_args(argv)
+    training = options.training
+    output_dir = Path(training.output_dir)
+    recover(output_dir)
+    resume = resolve_resume(training.resume_from_checkpoint, output_dir)
+    if resume is None:
+        check_fresh_output(output_dir)
+    model_path = str(output_dir / DEMO_MODEL_DIR) if options.demo_model else options.model.model_name_or_path
+    data_print = _data_fingerprint(options)
+    if resume is not None:
+        if options.demo_model and not Path(model_path).is_dir():
+            raise UserError(f"--resume_from_checkpoint: the demo's model {model_path} is missing")
+        check_resume(resume, run_signature(options, data_print, model_fingerprint(model_path)))
 
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = config.resolved(device)
-    output = Path(config.output_dir)
-    checkpoint = output / CHECKPOINT
-    if config.resume and not (checkpoint / STATE_FILE).is_file():
-        raise SetupError(f"--resume: no checkpoint to resume from in {checkpoint}")
-    output.mkdir(parents=True, exist_ok=True)
-    run = _prepare(config, device, log)
-
-    optimizer = torch.optim.AdamW(run.model.parameters(), lr=config.lr, weight_decay=0.0)
-    start = 0
-    if config.resume:
-        from transformers import AutoModelForCausalLM
-
-        saved = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
-        run.model.load_state_dict(saved.state_dict())
-        state = torch.load(checkpoint / STATE_FILE, map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        log(f"resumed from {checkpoint} at step {start}")
-    # Dropout off, as TRL does: the policy's log-probs must be comparable with the reference's.
-    # eval() also covers attention dropout, which transformers applies only in training mode.
-    run.model.eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    step_times: list[float] = []
-    tokens_seen = 0
-    last: dict[str, float] = {}
-    steps = tqdm(
-        range(start, config.steps), desc="dpo", disable=not config.progress, initial=start, total=config.steps
+    train, evaluation = _pick_splits(options, _load_data(options, log))
+    source = options.script.dataset_name or "the bundled hh-rlhf subset"
+    log(
+        f"data: {len(train)} training pairs"
+        + (f", {len(evaluation)} evaluation pairs" if evaluation else "")
+        + f", from {source}"
     )
-    metrics_path = output / "metrics.jsonl"
-    if config.resume:
-        # steps logged after the checkpoint (an interrupted run) are run again: drop them
-        kept = [line for line in _read_lines(metrics_path) if json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    with metrics_path.open("a") as metrics_file:
-        for step in steps:
-            began = time.perf_counter()
-            last = _step(run, step, optimizer, config, device)
-            step_times.append(time.perf_counter() - began)
-            tokens_seen += last["tokens"]
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-            steps.set_postfix(
-                loss=f"{last['loss']:.3f}",
-                acc=f"{last['rewards/accuracies']:.2f}",
-                margin=f"{last['rewards/margins']:.3f}",
-            )
-            if config.save_every and (step + 1) % config.save_every == 0:
-                _save_checkpoint(run.model, run.tokenizer, optimizer, step + 1, config)
-    steps.close()
-    _save_checkpoint(run.model, run.tokenizer, optimizer, config.steps, config)
+    if options.demo_model and resume is None:
+        size = demo_size()
+        build_demo_model(Path(model_path), list(train), size, training.seed)
+        log(f"model: the demo's random Llama ({size}), saved to {model_path}")
+    _check_tokenizer(options, model_path, train[0])
 
-    memory_name, memory = _peak_memory(device)
-    summary: dict[str, Any] = {
-        "steps": config.steps,
-        "steps_this_run": len(step_times),
-        "seconds_per_step": statistics.median(step_times) if step_times else None,
-        "tokens_per_second": tokens_seen / sum(step_times) if step_times else None,
-        memory_name: memory,
-        "final_step": last,
-        "train_pairs": evaluate(run.model, run.train, run.train_reference, run.collator, config, device),
-    }
-    if run.held_out:
-        summary["held_out_pairs"] = evaluate(
-            run.model, run.held_out, run.held_out_reference, run.collator, config, device
+    from .callbacks import SaveOnSignal, TrainingCurves
+
+    stopper = SaveOnSignal()
+    trainer = _make_trainer(options, model_path, train, evaluation, [TrainingCurves(), stopper])
+    trainer.run_signature = run_signature(options, data_print, model_fingerprint(model_path))
+    log(
+        f"training: layout {options.app.layout}, dpo_fast's fused head in TRL's DPOTrainer"
+        + (f", resuming from {resume}" if resume else "")
+    )
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    if stopper.received is not None:
+        last = max(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), default=None)
+        print(
+            f"dpo-fast: stopped at step {trainer.state.global_step}; {last} saved: continue with "
+            "--resume_from_checkpoint last",
+            file=sys.stderr,
         )
-    summary["config"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        return 128 + stopper.received
+    metrics = None
+    if evaluation is not None:
+        last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+        at_end = last is not None and last["step"] == trainer.state.global_step
+        metrics = last if at_end else trainer.evaluate()
+    save_final_model(trainer, output_dir)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the logging integrations
+        trainer.end()
+    if trainer.is_world_process_zero():
+        for line in summary(trainer.state.log_history, metrics, output_dir):
+            log(line)
+    return 0
