@@ -52,12 +52,14 @@ def demo_size() -> str:
     return "small" if on_gpu() else "tiny"
 
 
-def demo_defaults() -> dict[str, Any]:
+def demo_defaults(bundled_data: bool) -> dict[str, Any]:
     """TRL flag defaults for the demo's random model (the config file and the command line
-    override them)."""
+    override them); on the bundled data it also evaluates on the held-out split."""
     gpu = on_gpu()
     steps = 300 if gpu else 60
+    evaluation = {"eval_strategy": "steps", "eval_steps": steps // 3} if bundled_data else {}
     return {
+        **evaluation,
         "learning_rate": 3e-4 if gpu else 2e-3,
         "max_steps": steps,
         "per_device_train_batch_size": 32 if gpu else 16,
@@ -68,8 +70,6 @@ def demo_defaults() -> dict[str, Any]:
         "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
         "warmup_steps": max(1, steps // 20),
         "logging_steps": 1,
-        "eval_strategy": "steps",
-        "eval_steps": steps // 3,
         "save_steps": steps // 3,
         # the reference model is the frozen initial one: its log-probs once, before training
         "precompute_ref_log_probs": True,

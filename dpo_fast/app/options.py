@@ -24,8 +24,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from ..constants import LAYOUTS
+from ..constants import LAYOUTS, LOSS_TYPES
 from .errors import UserError
+from .pairs import check_data_source
 
 HELP_ASSET = Path(__file__).parent / "assets" / "train_help.txt"
 HELP_WIDTH = 100
@@ -179,7 +180,8 @@ def parse_train_args(argv: Sequence[str]) -> TrainOptions:
     if not _given(argv, "model_name_or_path"):
         from .demo import demo_defaults
 
-        parser.set_defaults(**demo_defaults())
+        user_data = _given(argv, "dataset_name") or _given(argv, "datasets")
+        parser.set_defaults(**demo_defaults(bundled_data=not user_data))
     script, training, model, mixture, app = _parse(parser, argv)
     options = TrainOptions(
         script,
@@ -210,6 +212,9 @@ def check_loss_options(training) -> None:
 
     from ..preference_loss import preference_loss
 
+    dpo_losses = [name for name in LOSS_TYPES if name not in NOT_DPO_TRAINER_LOSSES]
+    unknown = [name for name in training.loss_type if name not in LOSS_TYPES]
+    _require(not unknown, "loss_type", " ".join(unknown), f"among TRL's DPO losses: {', '.join(dpo_losses)}")
     other_trainer = [t for t in training.loss_type if t in NOT_DPO_TRAINER_LOSSES]
     if other_trainer:
         raise UserError(
@@ -239,6 +244,10 @@ def check_loss_options(training) -> None:
         for ours, theirs in (("f_divergence", "f_divergence_type"), ("f_alpha", "f_alpha_divergence_coef")):
             message = message.replace(f"{ours} ", f"{theirs} ").replace(f"{ours}=", f"{theirs}=")
         raise UserError(f"loss options: {message}") from None
+    if training.use_weighting and {"aot", "aot_unpaired"} & set(training.loss_type):
+        raise UserError(
+            "--use_weighting does not apply to the aot and aot_unpaired loss types (TRL refuses it)"
+        )
     ld_alpha = training.ld_alpha
     _require(
         ld_alpha is None or (_finite(ld_alpha) and 0 <= ld_alpha <= 1), "ld_alpha", ld_alpha, "in [0, 1]"
@@ -276,13 +285,16 @@ def _check_training(training, app: AppArguments) -> None:
         raise UserError(f"--layout {app.layout} and --padding_free both re-lay the batch out: pick one")
     if t.report_to not in (None, "none", "all", ["none"]):
         from transformers.integrations import get_available_reporting_integrations
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
+        requested = [name for name in t.report_to if name != "none"]
+        unknown = [name for name in requested if name not in INTEGRATION_TO_CALLBACK]
+        _require(not unknown, "report_to", " ".join(unknown), f"among {', '.join(INTEGRATION_TO_CALLBACK)}")
         available = get_available_reporting_integrations()
-        missing = [name for name in t.report_to if name != "none" and name not in available]
+        missing = [name for name in requested if name not in available]
         if missing:
             raise UserError(
-                f"--report_to {' '.join(missing)}: not installed (pip install {' '.join(missing)}); "
-                f"available: {', '.join(available) or 'none'}"
+                f"--report_to {' '.join(missing)}: not installed (pip install {' '.join(missing)})"
             )
 
 
@@ -333,6 +345,7 @@ def check_options(options: TrainOptions) -> None:
     _check_training(options.training, options.app)
     check_loss_options(options.training)
     check_output_dir(options.training.output_dir)
+    check_data_source(options.script.dataset_name)
     if not options.demo_model:
         m = options.model
         check_model(m.model_name_or_path, m.model_revision, options.training.trust_remote_code)

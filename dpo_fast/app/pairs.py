@@ -304,6 +304,15 @@ def _load_json_split(files: list[Path], skip_invalid: bool, log: Callable[[str],
     return Dataset.from_list(pairs)
 
 
+def check_data_source(source: str | None) -> None:
+    """Raise :class:`DataError` for a local data path (by its form) that does not exist; other
+    names are Hub data sets."""
+    if source is None or Path(source).exists():
+        return
+    if source.startswith((".", "/", "~")) or _has_suffix(Path(source), JSON_SUFFIXES + PARQUET_SUFFIXES):
+        raise DataError(f"data file or folder not found: {source}")
+
+
 def load_splits(
     source: str | None,
     *,
@@ -331,6 +340,7 @@ def load_splits(
         pairs = load_preference_data()
         test = len(pairs) - BUNDLED_TEST_PAIRS
         return {"train": Dataset.from_list(pairs[:test]), "test": Dataset.from_list(pairs[test:])}
+    check_data_source(source)
     path = Path(source)
     if not path.exists():
         return _load_with_datasets(
