@@ -99,7 +99,7 @@ def test_read_every_format(tmp_path, name):
         (b'{"chosen": "\\n\\nHuman: x\\n\\nAssistant:", "rejected": "\\n\\nHuman: x\\n\\nAssistant: y"}',
          "empty chosen completion"),
         (b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}', "not UTF-8 (byte 16)"),
-        (json.dumps(conversational({"prompt": "q", "chosen": "a", "rejected": "b"})).encode(), "uses one format"),
+        (json.dumps(conversational({"prompt": "q", "chosen": "a", "rejected": "b"})).encode(), "one format"),
     ],
 )  # fmt: skip
 def test_bad_lines_name_file_and_line_or_are_skipped(tmp_path, line, message):

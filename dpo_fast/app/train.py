@@ -239,7 +239,7 @@ def run(argv: list[str], log: Callable[[str], None] = print) -> int:
     """
     # transformers renamed gradient checkpointing and warns whenever TRL reads or sets the old
     # name (its default), not only when the user passes it: noise on every run
-    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing` is deprecated", FutureWarning)
+    warnings.filterwarnings("ignore", r"`\w*gradient_checkpointing\w*` is deprecated", FutureWarning)
     options = parse_train_args(argv)
     training = options.training
     output_dir = Path(training.output_dir)
