@@ -145,15 +145,18 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def recover(output_dir: Path) -> None:
-    """Undo what a kill during a save left: delete unfinished ``.partial`` folders; a ``.trash``
-    folder whose checkpoint is gone (killed between two renames) goes back to its name."""
+    """Undo what a kill during a save left: unfinished ``.partial`` folders and ``.trash``
+    (rotated away, maybe half deleted) are deleted; a ``.replaced`` checkpoint whose new version
+    never made it into place (killed between two renames) goes back to its name."""
     if not output_dir.is_dir():
         return
     for path in output_dir.iterdir():
-        if path.name.startswith(".checkpoint-") and path.name.endswith(".partial"):
+        if not path.name.startswith("."):
+            continue
+        if path.name.endswith((".partial", ".trash")):  # the final model's staging folder too
             shutil.rmtree(path, ignore_errors=True)
-        elif path.name.startswith(".checkpoint-") and path.name.endswith(".trash"):
-            original = output_dir / path.name[1 : -len(".trash")]
+        elif path.name.startswith(".checkpoint-") and path.name.endswith(".replaced"):
+            original = output_dir / path.name[1 : -len(".replaced")]
             if original.exists():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -227,15 +230,15 @@ def fsync_tree(folder: Path) -> None:
 
 def publish(staged: Path, final: Path) -> None:
     """Rename the complete, fsynced ``staged`` folder to ``final`` (replacing an existing one
-    only once ``staged`` is in place: a kill in between leaves ``.trash``, which :func:`recover`
+    only once ``staged`` is in place: a kill in between leaves ``.replaced``, which :func:`recover`
     renames back)."""
-    trash = final.with_name(f".{final.name}.trash")
+    replaced = final.with_name(f".{final.name}.replaced")
     if final.exists():
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
     staged.rename(final)
     _fsync(final.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def rotate(output_dir: Path, limit: int | None, best: str | None) -> None:
