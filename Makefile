@@ -12,10 +12,13 @@ install:
 		else $(PIP) install torch==2.13.0; fi; }
 	$(PIP) install -q -e ".[dev]"
 
-# DPO on the bundled hh-rlhf subset: a tiny random Llama on CPU (a few minutes on 2 cores), a
-# larger one with the Triton kernels on a GPU. Outputs (checkpoint, metrics) go to build/demo.
+# DPO on the bundled hh-rlhf subset through TRL's DPOTrainer with dpo_fast inside: a tiny random
+# Llama on CPU (1-2 minutes on 2 cores), a larger one with the Triton kernels on a GPU. Outputs
+# (final model, checkpoints, training_curves.png) go to build/demo, emptied first: a run refuses
+# to write over an earlier run's checkpoints.
 demo: install
-	$(PYTHON) -m dpo_fast.app.cli train --output-dir build/demo
+	rm -rf build/demo
+	$(PYTHON) -m dpo_fast.app.cli train --output_dir build/demo
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -60,9 +60,12 @@ setup(
             "peft>=0.13",
             "trl>=1.15,<1.17",
             "liger-kernel>=0.8",
+            # the CLI tests read the event files `--report_to tensorboard` writes
+            "tensorboard>=2.14",
         ],
-        # the releases whose fused-head protocol dpo_fast.integrations.trl implements (SUPPORTED_TRL)
-        "trl": ["trl>=1.15,<1.17"],
+        # the releases whose fused-head protocol dpo_fast.integrations.trl implements (SUPPORTED_TRL);
+        # with matplotlib for `dpo-fast train`'s training_curves.png
+        "trl": ["trl>=1.15,<1.17", "matplotlib>=3.7"],
         "peers": ["trl>=1.15,<1.17", "liger-kernel>=0.8", "cut-cross-entropy>=25.1"],
     },
     entry_points={"console_scripts": ["dpo-fast=dpo_fast.app.cli:main"]},

@@ -263,6 +263,20 @@ def test_profile_memory_is_wired_lazily(monkeypatch, capsys):
     assert_one_line_error(status, err, "not available in this build")
 
 
+def test_out_of_memory_is_one_line_with_a_hint(monkeypatch, capsys):
+    import torch
+
+    import dpo_fast.app.train as train_module
+
+    def out_of_memory(argv):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "run", out_of_memory)
+    status, _, err = run_cli(["train"], capsys)
+    assert_one_line_error(status, err, "out of GPU memory: try --layout packed")
+    assert "--gradient_accumulation_steps" in err and "--use_peft" in err
+
+
 def test_bench_runs_the_scripts(tmp_path, monkeypatch, capfd):
     benchmarks = tmp_path / "benchmarks"
     benchmarks.mkdir()

@@ -84,6 +84,7 @@ def test_conversational_lora_packed_from_yaml_then_resume(tmp_path, qwen2, messa
         bf16=False,
         disable_tqdm=True,
         report_to=["tensorboard"],
+        precompute_ref_log_probs=True,
     )
     status, out, err = run_cli(["train", "--config", config], capsys)
     assert status == 0, err
@@ -115,6 +116,7 @@ def test_conversational_lora_packed_from_yaml_then_resume(tmp_path, qwen2, messa
     scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     assert {"train/loss", "train/rewards/accuracies", "eval/loss", "eval/rewards/margins"} <= set(scalars)
     assert (first / CURVES_FILE).read_bytes().startswith(PNG)
+    assert sorted(p.name for p in messages.iterdir()) == ["test.jsonl", "train.jsonl"]  # no cache there
 
     # resume from the step-2 checkpoint in another folder: steps 3 and 4 again, same adapter
     second = tmp_path / "second"
@@ -190,3 +192,57 @@ def test_curves_png_at_each_save(tmp_path):
     second = (tmp_path / CURVES_FILE).read_bytes()
     assert first.startswith(PNG) and second.startswith(PNG) and first != second
     assert [p.name for p in tmp_path.iterdir()] == [CURVES_FILE]  # no temporary file left
+
+
+def test_sigint_saves_the_step_and_resume_matches(tmp_path, qwen2, messages, capsys, monkeypatch):
+    """SIGINT during training: the step finishes, checkpoint-2 is saved, exit 130; resuming ends
+    with the uninterrupted run's weights. A second SIGINT stops at once, every checkpoint whole."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    import dpo_fast.app.train as train_module
+
+    def run(output: Path, signals_at_step_2: int = 0, resume: bool = False):
+        class Interrupt(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == 1:  # during step 2
+                    for _ in range(signals_at_step_2):
+                        os.kill(os.getpid(), signal.SIGINT)
+
+        make = train_module._make_trainer
+        monkeypatch.setattr(
+            train_module,
+            "_make_trainer",
+            lambda o, m, t, e, callbacks: make(o, m, t, e, [*callbacks, Interrupt()]),
+        )
+        args = ["train", "--model_name_or_path", qwen2, "--dataset_name", messages / "train.jsonl", *CPU]
+        args += [
+            "--output_dir",
+            output,
+            "--max_steps",
+            4,
+            "--per_device_train_batch_size",
+            2,
+            "--save_steps",
+            3,
+        ]
+        args += ["--learning_rate", 1e-3, "--max_length", 64] + ["--resume_from_checkpoint", "last"] * resume
+        return run_cli(args, capsys)
+
+    status, _, err = run(tmp_path / "whole")
+    assert status == 0, err
+    status, _, err = run(tmp_path / "stopped", signals_at_step_2=1)
+    assert status == 130 and "stopped at step 2" in err, err
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-2"]
+    status, _, err = run(tmp_path / "stopped", resume=True)
+    assert status == 0, err
+    expected = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert all(torch.equal(resumed[name], weight) for name, weight in expected.items())
+
+    status, _, err = run(tmp_path / "twice", signals_at_step_2=2)
+    assert status == 130 and err.strip().endswith("dpo-fast: interrupted"), err
+    assert not list((tmp_path / "twice").glob("checkpoint-*"))  # stopped before any save

@@ -195,8 +195,8 @@ def check_fresh_output(output_dir: Path) -> None:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text[:16] + "..." if len(text) > 24 and isinstance(value, str) else text
+    """A value for a one-line message: long strings (fingerprints) cut to 12 characters."""
+    return json.dumps(value[:12] + "..." if isinstance(value, str) and len(value) > 20 else value)
 
 
 def check_resume(checkpoint: Path, signature: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ integrations, multi-GPU through accelerate) is TRL's and transformers'.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -267,10 +268,15 @@ def run(argv: list[str], log: Callable[[str], None] = print) -> int:
         log(f"model: the demo's random Llama ({size}), saved to {model_path}")
     _check_tokenizer(options, model_path, train[0])
 
-    from .callbacks import SaveOnSignal, TrainingCurves
+    from .callbacks import CURVES_FILE, SaveOnSignal, TrainingCurves
 
     stopper = SaveOnSignal()
-    trainer = _make_trainer(options, model_path, train, evaluation, [TrainingCurves(), stopper])
+    callbacks = [stopper]
+    if importlib.util.find_spec("matplotlib") is None:
+        log(f"no {CURVES_FILE}: matplotlib is not installed (pip install 'dpo-fast[trl]')")
+    else:
+        callbacks.append(TrainingCurves())
+    trainer = _make_trainer(options, model_path, train, evaluation, callbacks)
     trainer.run_signature = run_signature(options, data_print, model_fingerprint(model_path))
     log(
         f"training: layout {options.app.layout}, dpo_fast's fused head in TRL's DPOTrainer"
