@@ -208,10 +208,10 @@ def summary(log_history: list[dict], evaluation: dict[str, float] | None, output
     """The lines printed after training."""
     lines = ["", "reward accuracy and margin on the training batches:", *_progression(log_history)]
     end = next((r for r in reversed(log_history) if "train_runtime" in r), None)
-    if end is not None:
-        rate = end.get("train_steps_per_second") or 0
+    if end is not None and end.get("train_steps_per_second"):
+        seconds_per_step = 1 / end["train_steps_per_second"]
         lines.append(
-            f"{end['train_runtime']:.0f} s this run, {1 / rate if rate else 0:.3f} s/step, {_peak_memory()}"
+            f"{end['train_runtime']:.0f} s this run, {seconds_per_step:.3f} s/step, {_peak_memory()}"
         )
     if evaluation:
         lines.append(
