@@ -127,8 +127,11 @@ def test_missing_unreadable_and_empty_files(tmp_path):
         read_pairs(tmp_path / "bad.json")
 
 
-def test_folders_parquet_and_saved_datasets(tmp_path):
+def test_folders_parquet_and_saved_datasets(tmp_path, monkeypatch):
+    import datasets.config
     from datasets import Dataset, DatasetDict
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail at once
 
     pairs = short_pairs(12)
     folder = tmp_path / "folder"

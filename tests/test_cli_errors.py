@@ -108,6 +108,7 @@ CASES = [
     ("eval-steps-negative", OPTIONS, ["--eval_steps", "-1"], "--eval_steps must be > 0"),
     ("save-total-limit-0", OPTIONS, ["--save_total_limit", "0"], "--save_total_limit must be >= 1"),
     ("layout-unknown", OPTIONS, ["--layout", "ragged"], "argument --layout: invalid choice: 'ragged'"),
+    ("push-to-hub", OPTIONS, ["--push_to_hub", "true"], "--push_to_hub is not supported"),
     ("layout-and-padding-free", OPTIONS, ["--layout", "packed", "--padding_free", "true"], "pick one"),
     ("lora-r-0", OPTIONS, ["--use_peft", "--lora_r", "0"], "--lora_r must be >= 1, got 0"),
     ("unknown-flag", OPTIONS, ["--no_such_flag", "1"], "['--no_such_flag', '1']"),

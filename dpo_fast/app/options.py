@@ -281,6 +281,10 @@ def _check_training(training, app: AppArguments) -> None:
     _require(
         t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit", t.save_total_limit, ">= 1"
     )
+    if t.push_to_hub:
+        # transformers would upload from the hidden folder a checkpoint is written to, before
+        # it is renamed into place
+        raise UserError("--push_to_hub is not supported: upload the --output_dir after training (hf upload)")
     if app.layout != "padded" and t.padding_free:
         raise UserError(f"--layout {app.layout} and --padding_free both re-lay the batch out: pick one")
     if t.report_to not in (None, "none", "all", ["none"]):
@@ -346,6 +350,8 @@ def check_options(options: TrainOptions) -> None:
     check_loss_options(options.training)
     check_output_dir(options.training.output_dir)
     check_data_source(options.script.dataset_name)
+    if options.demo_model and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("the demo runs in one process: pass --model_name_or_path for a multi-process run")
     if not options.demo_model:
         m = options.model
         check_model(m.model_name_or_path, m.model_revision, options.training.trust_remote_code)

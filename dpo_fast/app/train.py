@@ -165,8 +165,11 @@ def save_final_model(trainer, output_dir: Path) -> None:
     """``trainer.save_model`` into ``output_dir`` (what ``from_pretrained(output_dir)`` loads):
     written to a hidden folder, fsynced, then each file renamed into place."""
     staging = output_dir / ".final-model.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every process: sharded models gather
+    trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         fsync_tree(staging)
         for file in sorted(staging.iterdir()):
@@ -244,7 +247,8 @@ def run(argv: list[str], log: Callable[[str], None] = print) -> int:
     options = parse_train_args(argv)
     training = options.training
     output_dir = Path(training.output_dir)
-    recover(output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        recover(output_dir)
     resume = resolve_resume(training.resume_from_checkpoint, output_dir)
     if resume is None:
         check_fresh_output(output_dir)
