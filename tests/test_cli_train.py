@@ -149,6 +149,7 @@ def test_demo_runs_without_model_or_data(tmp_path, monkeypatch, capsys):
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.model_type == "llama" and model.config.hidden_size == 64
     assert AutoTokenizer.from_pretrained(output).chat_template
+    assert AutoModelForCausalLM.from_pretrained(output / "checkpoint-3").config.hidden_size == 64
     state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert json.loads((output / "checkpoint-3" / RUN_FILE).read_text())["signature"]["learning_rate"] == 2e-3
