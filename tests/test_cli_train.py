@@ -247,3 +247,45 @@ def test_sigint_saves_the_step_and_resume_matches(tmp_path, qwen2, messages, cap
     status, _, err = run(tmp_path / "twice", signals_at_step_2=2)
     assert status == 130 and err.strip().endswith("dpo-fast: interrupted"), err
     assert not list((tmp_path / "twice").glob("checkpoint-*"))  # stopped before any save
+
+
+def test_two_processes_train_like_one(tmp_path, qwen2, messages):
+    """torchrun with 2 CPU processes (gloo DDP), 2 pairs each: rank 0 publishes complete
+    checkpoints between barriers, and the weights match one process with 4 pairs per step."""
+    import subprocess
+    import sys
+
+    from app_helpers import ROOT
+    from safetensors.torch import load_file
+
+    def train(output: Path, processes: int) -> dict[str, torch.Tensor]:
+        args = [
+            "--model_name_or_path",
+            qwen2,
+            "--dataset_name",
+            messages / "train.jsonl",
+            "--output_dir",
+            output,
+        ]
+        args += ["--max_steps", 4, "--save_steps", 2, "--learning_rate", 1e-3, "--max_length", 64, *CPU]
+        args += ["--per_device_train_batch_size", 4 // processes, "--use_cpu", "true"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+        ]
+        command = [*launcher, "-m", "dpo_fast.app.cli", "train", *map(str, args)]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.stdout.count("training: layout") == 1  # one process reports
+        assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+        assert all((p / RUN_FILE).is_file() for p in output.glob("checkpoint-*"))
+        return load_file(output / "model.safetensors")
+
+    initial = load_file(qwen2 / "model.safetensors")
+    one, two = train(tmp_path / "one", 1), train(tmp_path / "two", 2)
+    for name, weight in one.items():
+        moved = (weight - initial[name]).abs().max()
+        assert (two[name] - weight).abs().max() <= 1e-4 * moved + 1e-7, name

@@ -209,7 +209,8 @@ def _peak_memory() -> str:
 
 def summary(log_history: list[dict], evaluation: dict[str, float] | None, output_dir: Path) -> list[str]:
     """The lines printed after training."""
-    lines = ["", "reward accuracy and margin on the training batches:", *_progression(log_history)]
+    progression = _progression(log_history)
+    lines = [""] + ["reward accuracy and margin on the training batches:", *progression] * bool(progression)
     end = next((r for r in reversed(log_history) if "train_runtime" in r), None)
     if end is not None and end.get("train_steps_per_second"):
         seconds_per_step = 1 / end["train_steps_per_second"]
@@ -234,6 +235,10 @@ def summary(log_history: list[dict], evaluation: dict[str, float] | None, output
     return lines
 
 
+def _silent(line: str) -> None:
+    pass
+
+
 def run(argv: list[str], log: Callable[[str], None] = print) -> int:
     """``dpo-fast train ARGV``; returns the exit status (128 + the signal when SIGINT or SIGTERM
     stopped it after saving a checkpoint).
@@ -241,6 +246,8 @@ def run(argv: list[str], log: Callable[[str], None] = print) -> int:
     Raises:
         UserError: one line, before the data is tokenized or any model is loaded.
     """
+    if int(os.environ.get("RANK", "0")) != 0:
+        log = _silent  # one process reports
     # transformers renamed gradient checkpointing and warns whenever TRL reads or sets the old
     # name (its default), not only when the user passes it: noise on every run
     warnings.filterwarnings("ignore", r"`\w*gradient_checkpointing\w*` is deprecated", FutureWarning)
