@@ -180,6 +180,15 @@ def test_skip_invalid_skips_the_bad_lines_and_goes_on(files, tmp_path, monkeypat
         assert f"data: skipped 1 invalid line(s) in {files[name]}" in capsys.readouterr().out
 
 
+def test_unsupported_trl_version_is_one_line(tmp_path, monkeypatch, capsys):
+    import trl
+
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    monkeypatch.setattr(train_module, "_load_data", lambda *a, **k: pytest.fail("the data were read"))
+    status, _, err = run_cli(["train", "--output_dir", tmp_path], capsys)
+    assert_one_line_error(status, err, "found trl 1.17.0: install a supported TRL")
+
+
 def test_real_process_prints_one_line_and_no_traceback(files, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dpo_fast.app.cli", "train", "--beta", "inf", "--output_dir", str(tmp_path)],

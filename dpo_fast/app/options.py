@@ -346,6 +346,12 @@ def check_model(name_or_path: str, revision: str | None, trust_remote_code: bool
 def check_options(options: TrainOptions) -> None:
     """Every check that needs no data and no weights: values in range, the loss options, the
     output folder, the model's configuration (see the module docstring)."""
+    try:
+        from ..integrations.trl import check_trl_version
+
+        check_trl_version()
+    except (ImportError, RuntimeError) as error:  # a TRL whose fused-head protocol we do not know
+        raise UserError(_first_line(error)) from None
     _check_training(options.training, options.app)
     check_loss_options(options.training)
     check_output_dir(options.training.output_dir)
