@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..constants import LAYOUTS, LOSS_TYPES
-from .errors import UserError
+from .errors import UserError, first_line
 from .pairs import check_data_source
 
 HELP_ASSET = Path(__file__).parent / "assets" / "train_help.txt"
@@ -123,11 +123,6 @@ def write_help_asset() -> Path:
     return HELP_ASSET
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _parse(parser, argv: Sequence[str]) -> tuple:
     try:
         return parser.parse_args_and_config(list(argv))
@@ -140,12 +135,12 @@ def _parse(parser, argv: Sequence[str]) -> tuple:
     except IndexError:
         raise UserError("--config needs a file name") from None
     except ValueError as error:  # unknown flags or config keys, and TRL's / transformers' own checks
-        raise UserError(_first_line(error)) from None
+        raise UserError(first_line(error)) from None
     except Exception as error:
         import yaml
 
         if isinstance(error, yaml.YAMLError):
-            raise UserError(f"--config: not valid YAML ({_first_line(error)})") from None
+            raise UserError(f"--config: not valid YAML ({first_line(error)})") from None
         raise
 
 
@@ -240,7 +235,7 @@ def check_loss_options(training) -> None:
             backend="torch",
         )
     except ValueError as error:
-        message = _first_line(error)
+        message = first_line(error)
         for ours, theirs in (("f_divergence", "f_divergence_type"), ("f_alpha", "f_alpha_divergence_coef")):
             message = message.replace(f"{ours} ", f"{theirs} ").replace(f"{ours}=", f"{theirs}=")
         raise UserError(f"loss options: {message}") from None
@@ -334,7 +329,7 @@ def check_model(name_or_path: str, revision: str | None, trust_remote_code: bool
         )
     except (OSError, ValueError, KeyError) as error:
         raise UserError(
-            f"--model_name_or_path {name_or_path}: cannot load its config: {_first_line(error)}"
+            f"--model_name_or_path {name_or_path}: cannot load its config: {first_line(error)}"
         ) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(
@@ -351,7 +346,7 @@ def check_options(options: TrainOptions) -> None:
 
         check_trl_version()
     except (ImportError, RuntimeError) as error:  # a TRL whose fused-head protocol we do not know
-        raise UserError(_first_line(error)) from None
+        raise UserError(first_line(error)) from None
     _check_training(options.training, options.app)
     check_loss_options(options.training)
     check_output_dir(options.training.output_dir)

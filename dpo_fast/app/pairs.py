@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 BUNDLED_DATA = Path(__file__).parent / "assets" / "hh_rlhf_subset.jsonl.gz"
 BUNDLED_TEST_PAIRS = 64  # the bundled file's last pairs form its "test" split
@@ -382,8 +382,7 @@ def _load_with_datasets(
     try:
         loaded = datasets.load_from_disk(source) if from_disk else datasets.load_dataset(source, **kwargs)
     except Exception as error:  # datasets raises many types; all mean "cannot load"
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"cannot load the data set {source}: {message}") from None
+        raise DataError(f"cannot load the data set {source}: {first_line(error)}") from None
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         loaded = {"train": loaded}
     where = source if "data_files" not in kwargs else ", ".join(kwargs["data_files"])

@@ -29,6 +29,7 @@ from .checkpoints import (
     AtomicCheckpoints,
     check_fresh_output,
     check_resume,
+    complete_checkpoints,
     fsync_tree,
     model_fingerprint,
     recover,
@@ -36,7 +37,7 @@ from .checkpoints import (
     run_signature,
 )
 from .demo import CPU_TRAIN_PAIRS, DEMO_MODEL_DIR, build_demo_model, demo_size
-from .errors import UserError
+from .errors import UserError, first_line
 from .options import TrainOptions, parse_train_args
 from .pairs import check_dataset, data_fingerprint, load_splits
 
@@ -72,9 +73,7 @@ def _load_data(options: TrainOptions, log: Callable[[str], None]) -> dict[str, A
     try:
         loaded = get_dataset(options.mixture)
     except Exception as error:  # datasets raises many types; all mean "cannot load"
-        raise UserError(
-            f"datasets (config file): cannot load: {str(error).strip().splitlines()[0]}"
-        ) from None
+        raise UserError(f"datasets (config file): cannot load: {first_line(error)}") from None
     return {
         str(k): check_dataset(v, f"datasets [{k}]", options.app.skip_invalid, log) for k, v in loaded.items()
     }
@@ -115,9 +114,7 @@ def _check_tokenizer(options: TrainOptions, model_path: str, first_row: dict[str
             trust_remote_code=options.training.trust_remote_code,
         )
     except (OSError, ValueError) as error:
-        raise UserError(
-            f"cannot load a tokenizer from {model_path}: {str(error).strip().splitlines()[0]}"
-        ) from None
+        raise UserError(f"cannot load a tokenizer from {model_path}: {first_line(error)}") from None
     if not isinstance(first_row["chosen"], str) and not tokenizer.chat_template:
         raise UserError(
             f"the data is conversational (message lists) but the tokenizer in {model_path} has no chat "
@@ -228,7 +225,7 @@ def summary(log_history: list[dict], evaluation: dict[str, float] | None, output
         for name in ("training_curves.png", "runs/ (TensorBoard)")
         if (output_dir / name.split()[0]).exists()
     ]
-    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    checkpoints = complete_checkpoints(output_dir)
     if checkpoints:
         outputs.insert(1, f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}")
     lines.append(f"outputs in {output_dir}/: {', '.join(outputs)}")
@@ -239,6 +236,32 @@ def _silent(line: str) -> None:
     pass
 
 
+def _open_output(options: TrainOptions, main_process: bool) -> tuple[Path, Path | None]:
+    """``(output_dir, checkpoint to resume or None)``: an interrupted save undone, and a run
+    that does not resume kept from writing over an earlier run's checkpoints."""
+    output_dir = Path(options.training.output_dir)
+    if main_process:
+        recover(output_dir)
+    resume = resolve_resume(options.training.resume_from_checkpoint, output_dir)
+    if resume is None:
+        check_fresh_output(output_dir)
+    return output_dir, resume
+
+
+def _describe(dataset) -> str:
+    return f"{len(dataset)}" if hasattr(dataset, "__len__") else "streamed"
+
+
+def _final_evaluation(trainer, evaluation) -> dict[str, float] | None:
+    """The evaluation metrics at the last step: logged there already, or computed now."""
+    if evaluation is None:
+        return None
+    last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+    if last is not None and last["step"] == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
+
+
 def run(argv: list[str], log: Callable[[str], None] = print) -> int:
     """``dpo-fast train ARGV``; returns the exit status (128 + the signal when SIGINT or SIGTERM
     stopped it after saving a checkpoint).
@@ -246,19 +269,13 @@ def run(argv: list[str], log: Callable[[str], None] = print) -> int:
     Raises:
         UserError: one line, before the data is tokenized or any model is loaded.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
-        log = _silent  # one process reports
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    log = log if main_process else _silent  # one process reports
     # transformers renamed gradient checkpointing and warns whenever TRL reads or sets the old
     # name (its default), not only when the user passes it: noise on every run
     warnings.filterwarnings("ignore", r"`\w*gradient_checkpointing\w*` is deprecated", FutureWarning)
     options = parse_train_args(argv)
-    training = options.training
-    output_dir = Path(training.output_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        recover(output_dir)
-    resume = resolve_resume(training.resume_from_checkpoint, output_dir)
-    if resume is None:
-        check_fresh_output(output_dir)
+    output_dir, resume = _open_output(options, main_process)
     model_path = str(output_dir / DEMO_MODEL_DIR) if options.demo_model else options.model.model_name_or_path
     data_print = _data_fingerprint(options)
     if resume is not None:
@@ -268,16 +285,12 @@ def run(argv: list[str], log: Callable[[str], None] = print) -> int:
 
     train, evaluation = _pick_splits(options, _load_data(options, log))
     source = options.script.dataset_name or "the bundled hh-rlhf subset"
-    log(
-        f"data: {len(train)} training pairs"
-        + (f", {len(evaluation)} evaluation pairs" if evaluation else "")
-        + f", from {source}"
-    )
+    evaluated = f", {_describe(evaluation)} evaluation pairs" if evaluation is not None else ""
+    log(f"data: {_describe(train)} training pairs{evaluated}, from {source}")
     if options.demo_model and resume is None:
-        size = demo_size()
-        build_demo_model(Path(model_path), list(train), size, training.seed)
-        log(f"model: the demo's random Llama ({size}), saved to {model_path}")
-    _check_tokenizer(options, model_path, train[0])
+        build_demo_model(Path(model_path), list(train), demo_size(), options.training.seed)
+        log(f"model: the demo's random Llama ({demo_size()}), saved to {model_path}")
+    _check_tokenizer(options, model_path, next(iter(train)))
 
     from .callbacks import CURVES_FILE, SaveOnSignal, TrainingCurves
 
@@ -289,28 +302,21 @@ def run(argv: list[str], log: Callable[[str], None] = print) -> int:
         callbacks.append(TrainingCurves())
     trainer = _make_trainer(options, model_path, train, evaluation, callbacks)
     trainer.run_signature = run_signature(options, data_print, model_fingerprint(model_path))
-    log(
-        f"training: layout {options.app.layout}, dpo_fast's fused head in TRL's DPOTrainer"
-        + (f", resuming from {resume}" if resume else "")
-    )
+    resuming = f", resuming from {resume}" if resume else ""
+    log(f"training: layout {options.app.layout}, dpo_fast's fused head in TRL's DPOTrainer{resuming}")
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     if stopper.received is not None:
-        last = max(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), default=None)
+        saved = complete_checkpoints(output_dir)[-1]
         print(
-            f"dpo-fast: stopped at step {trainer.state.global_step}; {last} saved: continue with "
+            f"dpo-fast: stopped at step {trainer.state.global_step}; {saved} saved: continue with "
             "--resume_from_checkpoint last",
             file=sys.stderr,
         )
         return 128 + stopper.received
-    metrics = None
-    if evaluation is not None:
-        last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
-        at_end = last is not None and last["step"] == trainer.state.global_step
-        metrics = last if at_end else trainer.evaluate()
+    metrics = _final_evaluation(trainer, evaluation)
     save_final_model(trainer, output_dir)
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the logging integrations
         trainer.end()
-    if trainer.is_world_process_zero():
-        for line in summary(trainer.state.log_history, metrics, output_dir):
-            log(line)
+    for line in summary(trainer.state.log_history, metrics, output_dir):
+        log(line)
     return 0
