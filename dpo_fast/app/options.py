@@ -201,11 +201,9 @@ def _finite(value: object) -> bool:
 
 
 def check_loss_options(training) -> None:
-    """The loss options, checked by dpo_fast's own ``preference_loss`` (one source of truth)
-    on a single zero pair, plus what TRL's DPOTrainer alone rejects."""
-    import torch
-
-    from ..preference_loss import preference_loss
+    """The loss options, checked by dpo_fast's own ``PreferenceLossSpec`` (one source of truth),
+    plus what TRL's DPOTrainer alone rejects."""
+    from ..preference_loss import PreferenceLossSpec
 
     dpo_losses = [name for name in LOSS_TYPES if name not in NOT_DPO_TRAINER_LOSSES]
     unknown = [name for name in training.loss_type if name not in LOSS_TYPES]
@@ -216,13 +214,8 @@ def check_loss_options(training) -> None:
             f"--loss_type {', '.join(other_trainer)} is not a loss of TRL's DPOTrainer (it is its CPO/ORPO "
             "trainer's); dpo_fast.preference_loss computes it in your own loop"
         )
-    zero, one = torch.zeros(1), torch.ones(1)
     try:
-        preference_loss(
-            zero,
-            zero,
-            zero,
-            zero,
+        PreferenceLossSpec(
             loss_type=list(training.loss_type),
             loss_weights=training.loss_weights,
             beta=training.beta,
@@ -230,11 +223,8 @@ def check_loss_options(training) -> None:
             f_divergence=training.f_divergence_type,
             f_alpha=training.f_alpha_divergence_coef,
             discopop_tau=training.discopop_tau,
-            chosen_lengths=one,
-            rejected_lengths=one,
-            backend="torch",
         )
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         message = first_line(error)
         for ours, theirs in (("f_divergence", "f_divergence_type"), ("f_alpha", "f_alpha_divergence_coef")):
             message = message.replace(f"{ours} ", f"{theirs} ").replace(f"{ours}=", f"{theirs}=")
