@@ -10,6 +10,7 @@ memory) print one line and exit with status 2; anything else is a bug and keeps 
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -85,8 +86,8 @@ def _bench(argv: Sequence[str]) -> int:
 
 
 def _profile_memory(argv: Sequence[str]) -> int:
-    try:
-        from . import profile_memory
+    try:  # by its full name: sys.modules decides, not an attribute of this package
+        profile_memory = importlib.import_module(f"{__package__}.profile_memory")
     except ModuleNotFoundError as error:
         if error.name != f"{__package__}.profile_memory":
             raise
