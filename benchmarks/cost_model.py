@@ -230,7 +230,7 @@ def linear_chunked(n: int, hidden: int, vocab: int, device: Device, report: dict
     """Design (a), ``method="chunked"``: per chunk of tokens one cuBLAS matmul writes a bf16
     ``(chunk, V)`` tile that the core kernels fold; backward recomputes every tile but the
     kept last one and runs two gradient matmuls, ``grad_W`` accumulating in fp32."""
-    chunk = chunk_rows(vocab)
+    chunk = min(chunk_rows(vocab), n)
     chunks = math.ceil(n / chunk)
     tile = chunk * vocab
     forward = core_forward(chunk, vocab, device, report).seconds
@@ -346,8 +346,8 @@ def preference_head(tokens: int, hidden: int, vocab: int, device: Device, report
     n = 2 * tokens
     policy = linear_chunked(n, hidden, vocab, device, report)
     reference_parts = {
-        "reference matmuls": math.ceil(n / chunk_rows(vocab))
-        * _matmul(chunk_rows(vocab), vocab, hidden, device),
+        "reference matmuls": math.ceil(n / min(chunk_rows(vocab), n))
+        * _matmul(min(chunk_rows(vocab), n), vocab, hidden, device),
         "reference kernel": core_forward(n, vocab, device, report).seconds,
     }
     parts = {"policy (chunked design)": policy.seconds, **reference_parts}
