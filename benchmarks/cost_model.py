@@ -102,11 +102,21 @@ def static_report(path: Path | None = None, triton_version: str | None = None) -
     return {}
 
 
-def kernel_entry(report: dict, kernel: str, variant: str) -> dict | None:
-    return next(
-        (e for e in report.get("configurations", []) if e["kernel"] == kernel and e["variant"] == variant),
-        None,
-    )
+# Variants of the core kernels by the words of the compile report's variant names: (the
+# variant's label, words it must have, words it must not have).
+PLAIN = ("", {"bf16", "V%16==0"}, {"HAS_SOFTCAP", "WANT_ENTROPY", "WANT_TOP1", "strided"})
+WITH_STATS = ("all statistics", {"bf16", "V%16==0", "WANT_ENTROPY", "WANT_TOP1"}, {"HAS_SOFTCAP", "strided"})
+WITH_SOFTCAP = ("softcap", {"bf16", "V%16==0", "HAS_SOFTCAP"}, {"WANT_ENTROPY", "strided"})
+
+
+def kernel_entry(report: dict, kernel: str, variant: tuple) -> dict | None:
+    """The report's configuration of ``kernel`` matching ``variant`` (see :data:`PLAIN`)."""
+    _, required, forbidden = variant
+    for entry in report.get("configurations", []):
+        words = set(entry["variant"].split())
+        if entry["kernel"] == kernel and required <= words and not forbidden & words:
+            return entry
+    return None
 
 
 # Used where no report is at hand: the kernels as first written (Triton 3.9, issue 19).
@@ -116,7 +126,7 @@ DEFAULT_CORE = {
 }
 
 
-def _core_figures(report: dict, kernel: str, variant: str) -> tuple[float, int, str]:
+def _core_figures(report: dict, kernel: str, variant: tuple) -> tuple[float, int, str]:
     entry = kernel_entry(report, kernel, variant)
     if entry is None or "instructions_per_element" not in entry:
         fallback = DEFAULT_CORE[kernel]
@@ -166,12 +176,12 @@ def _combine(
 # Core label log-probs from logits
 
 
-def core_forward(tokens: int, vocab: int, device: Device, report: dict, variant: str = "bf16 V%16==0"):
+def core_forward(tokens: int, vocab: int, device: Device, report: dict, variant: tuple = PLAIN):
     """Forward over bf16 ``[tokens, V]`` logits: read them once, O(1) per token written."""
     per_element, blocks_per_sm, source = _core_figures(report, "_logprobs_forward_kernel", variant)
     elements = tokens * vocab
     nbytes = 2 * elements + tokens * (8 + 4 + 4)
-    name = "core forward" + ("" if variant == "bf16 V%16==0" else f" [{variant}]")
+    name = "core forward" + (f", {variant[0]}" if variant[0] else "")
     prediction = _streaming(
         name,
         f"{tokens}x{vocab} bf16",
@@ -184,13 +194,13 @@ def core_forward(tokens: int, vocab: int, device: Device, report: dict, variant:
     return prediction
 
 
-def core_backward(tokens: int, vocab: int, device: Device, report: dict, variant: str = "bf16 V%16==0"):
+def core_backward(tokens: int, vocab: int, device: Device, report: dict, variant: tuple = PLAIN):
     """Backward: read the logits once more and write the gradient once."""
     per_element, blocks_per_sm, source = _core_figures(report, "_logprobs_backward_kernel", variant)
     elements = tokens * vocab
     nbytes = 4 * elements + tokens * (8 + 4 + 4 + 4)
     prediction = _streaming(
-        "core backward",
+        "core backward" + (f", {variant[0]}" if variant[0] else ""),
         f"{tokens}x{vocab} bf16",
         nbytes,
         elements * per_element,
@@ -388,9 +398,11 @@ def predictions(device: Device, report: dict) -> list[Prediction]:
         core_backward(16384, 128256, device, report),
         core_step(16384, 128256, device, report),
     ]
-    for variant in ("bf16 WANT_ENTROPY WANT_MEAN WANT_TOP1 WANT_SUMSQ V%16==0", "bf16 HAS_SOFTCAP V%16==0"):
+    for variant in (WITH_STATS, WITH_SOFTCAP):
         if kernel_entry(report, "_logprobs_forward_kernel", variant):
             found.append(core_forward(16384, 128256, device, report, variant))
+        if variant is WITH_SOFTCAP and kernel_entry(report, "_logprobs_backward_kernel", variant):
+            found.append(core_backward(16384, 128256, device, report, variant))
     found += [
         linear_chunked(8192, 4096, 131072, device, report),
         linear_fused_b(8192, 4096, 131072, device),
