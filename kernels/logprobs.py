@@ -60,7 +60,7 @@ def _units(scale, FOLD_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _fold(v, m, sum_p, sum_pv, sum_pp, sum_v, c, WANT_ENTROPY, WANT_MEAN, WANT_SUMSQ):
+def _fold(v, m, sum_p, sum_pv, sum_pp, c, WANT_ENTROPY, WANT_SUMSQ):
     """Fold a ``(ROWS, VEC)`` tile of values into per-row running state.
 
     Each row of the tile (one thread's vector) keeps its own running max ``m`` and
@@ -78,9 +78,7 @@ def _fold(v, m, sum_p, sum_pv, sum_pp, sum_v, c, WANT_ENTROPY, WANT_MEAN, WANT_S
         sum_pv = sum_pv * alpha + tl.sum(p * tl.maximum(v, -3.0e38), axis=1)
     if WANT_SUMSQ:
         sum_pp = sum_pp * (alpha * alpha) + tl.sum(p * p, axis=1)
-    if WANT_MEAN:
-        sum_v += tl.sum(tl.where(v == NEG_INF, 0.0, v), axis=1)
-    return m_new, sum_p, sum_pv, sum_pp, sum_v
+    return m_new, sum_p, sum_pv, sum_pp
 
 
 @triton.jit
@@ -128,16 +126,18 @@ def _fold_block(
         in_row = (cols >= 0) & (cols < V)
         x = tl.load(row_ptr + pos.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
         v = tl.where(in_row, _values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE), NEG_INF)
+        if WANT_MEAN:
+            sum_v += tl.sum(tl.where(in_row, v, 0.0), axis=1)
     else:
         x = tl.load(row_ptr + pos.to(tl.int64) * stride_v).to(tl.float32)
         v = _values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE)
+        if WANT_MEAN:
+            sum_v += tl.sum(v, axis=1)
     if WANT_TOP1:
         # vectors wholly before the label's column; the label's own is read again at the end
         before = start + tl.arange(0, ROWS) * VEC + (VEC - 1) - head < label
         before_label = tl.where(before, tl.maximum(before_label, tl.max(v, axis=1)), before_label)
-    m, sum_p, sum_pv, sum_pp, sum_v = _fold(
-        v, m, sum_p, sum_pv, sum_pp, sum_v, c, WANT_ENTROPY, WANT_MEAN, WANT_SUMSQ
-    )
+    m, sum_p, sum_pv, sum_pp = _fold(v, m, sum_p, sum_pv, sum_pp, c, WANT_ENTROPY, WANT_SUMSQ)
     return m, sum_p, sum_pv, sum_pp, sum_v, before_label
 
 

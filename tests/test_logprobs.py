@@ -233,12 +233,14 @@ def test_stats_handle_infinite_logits(backend):
     logits = torch.randn(1, 3, 100)
     logits[0, :, 50:] = float("-inf")
     labels = torch.tensor([[1, 2, 3]])
-    _, stats = dpo_fast.token_logprobs(logits, labels, stats=["entropy", "log_sum_sq_probs"], backend=backend)
+    names = ["entropy", "log_sum_sq_probs", "mean_logits"]
+    _, stats = dpo_fast.token_logprobs(logits, labels, stats=names, backend=backend)
     log_p = logits[..., :50].double().log_softmax(-1)
     torch.testing.assert_close(
         stats["entropy"].double(), -(log_p.exp() * log_p).sum(-1), atol=1e-5, rtol=1e-5
     )
     assert torch.isfinite(stats["log_sum_sq_probs"]).all()
+    assert torch.equal(stats["mean_logits"], logits.mean(-1))  # -inf, as the mean of the logits
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
