@@ -103,10 +103,10 @@ def static_report(path: Path | None = None, triton_version: str | None = None) -
 
 
 # Variants of the core kernels by the words of the compile report's variant names: (the
-# variant's label, words it must have, words it must not have).
-PLAIN = ("", {"bf16", "V%16==0"}, {"HAS_SOFTCAP", "WANT_ENTROPY", "WANT_TOP1", "strided"})
-WITH_STATS = ("all statistics", {"bf16", "V%16==0", "WANT_ENTROPY", "WANT_TOP1"}, {"HAS_SOFTCAP", "strided"})
-WITH_SOFTCAP = ("softcap", {"bf16", "V%16==0", "HAS_SOFTCAP"}, {"WANT_ENTROPY", "strided"})
+# variant's label, words it must have, words it must not have; "NAME=" stands for any value).
+PLAIN = ("", {"bf16", "V%16==0"}, {"HAS_SOFTCAP", "STATS=", "strided"})
+WITH_STATS = ("all statistics", {"bf16", "V%16==0", "STATS=15"}, {"HAS_SOFTCAP", "strided"})
+WITH_SOFTCAP = ("softcap", {"bf16", "V%16==0", "HAS_SOFTCAP"}, {"STATS=", "strided"})
 
 
 def kernel_entry(report: dict, kernel: str, variant: tuple) -> dict | None:
@@ -114,7 +114,8 @@ def kernel_entry(report: dict, kernel: str, variant: tuple) -> dict | None:
     _, required, forbidden = variant
     for entry in report.get("configurations", []):
         words = set(entry["variant"].split())
-        if entry["kernel"] == kernel and required <= words and not forbidden & words:
+        named = words | {w[: w.index("=") + 1] for w in words if "=" in w}
+        if entry["kernel"] == kernel and required <= words and not forbidden & named:
             return entry
     return None
 
@@ -176,39 +177,27 @@ def _combine(
 # Core label log-probs from logits
 
 
-def core_forward(tokens: int, vocab: int, device: Device, report: dict, variant: tuple = PLAIN):
-    """Forward over bf16 ``[tokens, V]`` logits: read them once, O(1) per token written."""
-    per_element, blocks_per_sm, source = _core_figures(report, "_logprobs_forward_kernel", variant)
+def _core(kernel: str, name: str, tokens: int, vocab: int, passes: int, device: Device, report, variant):
+    """A core kernel over bf16 ``[tokens, V]`` logits: ``passes`` bytes-per-element passes (one
+    read forward; a read and a write backward) and a few fp32 / int64 values per token."""
+    per_element, blocks_per_sm, source = _core_figures(report, kernel, variant)
     elements = tokens * vocab
-    nbytes = 2 * elements + tokens * (8 + 4 + 4)
-    name = "core forward" + (f", {variant[0]}" if variant[0] else "")
-    prediction = _streaming(
-        name,
-        f"{tokens}x{vocab} bf16",
-        nbytes,
-        elements * per_element,
-        device,
-        tokens / (device.sms * blocks_per_sm),
-    )
+    nbytes = 2 * passes * elements + tokens * (8 + 4 * (passes + 1))
+    waves = tokens / (device.sms * blocks_per_sm)
+    name += f", {variant[0]}" if variant[0] else ""
+    prediction = _streaming(name, f"{tokens}x{vocab} bf16", nbytes, elements * per_element, device, waves)
     prediction.notes.append(f"{per_element} SASS instructions per element ({source})")
     return prediction
+
+
+def core_forward(tokens: int, vocab: int, device: Device, report: dict, variant: tuple = PLAIN):
+    """Forward over bf16 ``[tokens, V]`` logits: read them once, O(1) per token written."""
+    return _core("_logprobs_forward_kernel", "core forward", tokens, vocab, 1, device, report, variant)
 
 
 def core_backward(tokens: int, vocab: int, device: Device, report: dict, variant: tuple = PLAIN):
     """Backward: read the logits once more and write the gradient once."""
-    per_element, blocks_per_sm, source = _core_figures(report, "_logprobs_backward_kernel", variant)
-    elements = tokens * vocab
-    nbytes = 4 * elements + tokens * (8 + 4 + 4 + 4)
-    prediction = _streaming(
-        "core backward" + (f", {variant[0]}" if variant[0] else ""),
-        f"{tokens}x{vocab} bf16",
-        nbytes,
-        elements * per_element,
-        device,
-        tokens / (device.sms * blocks_per_sm),
-    )
-    prediction.notes.append(f"{per_element} SASS instructions per element ({source})")
-    return prediction
+    return _core("_logprobs_backward_kernel", "core backward", tokens, vocab, 2, device, report, variant)
 
 
 def core_step(tokens: int, vocab: int, device: Device, report: dict) -> Prediction:

@@ -60,28 +60,6 @@ def _units(scale, FOLD_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _fold(v, m, sum_p, sum_pv, sum_pp, c, WANT_ENTROPY, WANT_SUMSQ):
-    """Fold a ``(ROWS, VEC)`` tile of values into per-row running state.
-
-    Each row of the tile (one thread's vector) keeps its own running max ``m`` and
-    ``sum_p = sum 2^(c (v - m))``; nothing is reduced across threads until the end of the row.
-    ``v - m`` is exact near the max, so the max itself contributes exactly 1.
-    """
-    m_new = tl.maximum(m, tl.max(v, axis=1))
-    # nothing but -inf so far: shift by 0, or exp2(-inf - -inf) = nan
-    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    alpha = tl.exp2((m - m_safe) * c)
-    p = tl.exp2((v - m_safe[:, None]) * c)
-    sum_p = sum_p * alpha + tl.sum(p, axis=1)
-    if WANT_ENTROPY:
-        # max(v, -big): p = 0 where v = -inf, and 0 * -inf would be nan
-        sum_pv = sum_pv * alpha + tl.sum(p * tl.maximum(v, -3.0e38), axis=1)
-    if WANT_SUMSQ:
-        sum_pp = sum_pp * (alpha * alpha) + tl.sum(p * p, axis=1)
-    return m_new, sum_p, sum_pv, sum_pp
-
-
-@triton.jit
 def _row_base(row_off, VEC: tl.constexpr, ALIGN: tl.constexpr):
     """Where a row's blocks start: ``row_off`` rounded down to a whole 16-byte vector when
     ``ALIGN`` (then every block load is a vector load, whatever V), and the ``head`` of
@@ -91,54 +69,73 @@ def _row_base(row_off, VEC: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _load_block(
+    row, start, offs, tf, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr
+):
+    """The values of the block at positions ``start + offs`` from the row's base (columns
+    ``position - head``), -inf outside the row, and which of them are in it. Only the first
+    and last blocks of a row are ``MASKED``.
+
+    ``row = (row_ptr, head, V, label, stride_v)``, ``tf = (scale, softcap, c)``.
+    """
+    row_ptr, head, V, _, stride_v = row
+    scale, softcap, _ = tf
+    pos = start + offs
+    if MASKED:
+        in_row = (pos >= head) & (pos - head < V)
+        x = tl.load(row_ptr + pos.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
+        return tl.where(in_row, _values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE), NEG_INF), in_row
+    x = tl.load(row_ptr + pos.to(tl.int64) * stride_v).to(tl.float32)
+    return _values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE), pos >= 0  # all in the row
+
+
+@triton.jit
 def _fold_block(
-    row_ptr,
+    row,
     start,
-    head,
-    V,
-    label,
-    stride_v,
-    scale,
-    softcap,
-    c,
-    m,
-    sum_p,
-    sum_pv,
-    sum_pp,
-    sum_v,
-    before_label,
+    offs,
+    tf,
+    acc,
     MASKED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr,
-    WANT_MEAN: tl.constexpr,
-    WANT_TOP1: tl.constexpr,
-    WANT_SUMSQ: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    VEC: tl.constexpr,
+    STATS: tl.constexpr,
 ):
-    """Load the block at positions ``start + [0, BLOCK_V)`` from the row's base (columns
-    ``position - head``) and fold it in; only the first and last blocks of a row are ``MASKED``."""
-    ROWS: tl.constexpr = BLOCK_V // VEC
-    pos = start + tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    cols = pos - head
-    if MASKED:
-        in_row = (cols >= 0) & (cols < V)
-        x = tl.load(row_ptr + pos.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
-        v = tl.where(in_row, _values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE), NEG_INF)
-        if WANT_MEAN:
-            sum_v += tl.sum(tl.where(in_row, v, 0.0), axis=1)
-    else:
-        x = tl.load(row_ptr + pos.to(tl.int64) * stride_v).to(tl.float32)
-        v = _values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE)
-        if WANT_MEAN:
-            sum_v += tl.sum(v, axis=1)
-    if WANT_TOP1:
-        # vectors wholly before the label's column; the label's own is read again at the end
+    """Fold one block into the running state ``acc``, kept per vector (per row of the
+    ``(ROWS, VEC)`` tile, i.e. per thread): nothing is reduced across threads until the end
+    of the row.
+
+    ``acc = (m, sum_p, sum_pv, sum_pp, sum_v, before_label)``: the running max and
+    ``sum 2^(c (v - m))`` (``v - m`` is exact near the max, so the max contributes exactly 1),
+    the rescaled sums of ``p v`` and ``p^2``, the plain sum of ``v``, and the max of the
+    vectors wholly before the label's column.
+    """
+    m, sum_p, sum_pv, sum_pp, sum_v, before_label = acc
+    v, in_row = _load_block(row, start, offs, tf, MASKED, HAS_SOFTCAP, FOLD_SCALE)
+    c = tf[2]
+    v_max = tl.max(v, axis=1)
+    m_new = tl.maximum(m, v_max)
+    # nothing but -inf so far: shift by 0, or exp2(-inf - -inf) = nan
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp2((m - m_safe) * c)
+    p = tl.exp2((v - m_safe[:, None]) * c)
+    sum_p = sum_p * alpha + tl.sum(p, axis=1)
+    if STATS & 1:  # entropy
+        # max(v, -big): p = 0 where v = -inf, and 0 * -inf would be nan
+        sum_pv = sum_pv * alpha + tl.sum(p * tl.maximum(v, -3.0e38), axis=1)
+    if STATS & 2:  # mean_logits
+        # the row's own -inf logits count, as in the mean of the logits; masked columns do not
+        sum_v += tl.sum(tl.where(in_row, v, 0.0), axis=1) if MASKED else tl.sum(v, axis=1)
+    if STATS & 4:  # is_top1
+        _, head, _, label, _ = row
+        ROWS: tl.constexpr = offs.shape[0]
+        VEC: tl.constexpr = offs.shape[1]
+        # the label's own vector is read again at the end
         before = start + tl.arange(0, ROWS) * VEC + (VEC - 1) - head < label
-        before_label = tl.where(before, tl.maximum(before_label, tl.max(v, axis=1)), before_label)
-    m, sum_p, sum_pv, sum_pp = _fold(v, m, sum_p, sum_pv, sum_pp, c, WANT_ENTROPY, WANT_SUMSQ)
-    return m, sum_p, sum_pv, sum_pp, sum_v, before_label
+        before_label = tl.where(before, tl.maximum(before_label, v_max), before_label)
+    if STATS & 8:  # log_sum_sq_probs
+        sum_pp = sum_pp * (alpha * alpha) + tl.sum(p * p, axis=1)
+    return m_new, sum_p, sum_pv, sum_pp, sum_v, before_label
 
 
 @triton.jit
@@ -161,18 +158,17 @@ def _logprobs_forward_kernel(
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr,
-    WANT_MEAN: tl.constexpr,
-    WANT_TOP1: tl.constexpr,
-    WANT_SUMSQ: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base, head = _row_base((row // T) * stride_b + (row % T) * stride_t, VEC, ALIGN)
+    """``STATS``: bit mask of the statistics to compute (1 entropy, 2 mean_logits, 4 is_top1,
+    8 log_sum_sq_probs: ``dpo_fast.ops.library.stat_mask``'s order)."""
+    row_id = tl.program_id(0).to(tl.int64)
+    base, head = _row_base((row_id // T) * stride_b + (row_id % T) * stride_t, VEC, ALIGN)
     row_ptr = x_ptr + base
-    label = tl.load(labels_ptr + row)
+    label = tl.load(labels_ptr + row_id)
     valid = label != ignore_index
     # 32-bit from here on: V < 2**31, and an ignored row reads column 0
     label = tl.where(valid, label, 0).to(tl.int32)
@@ -180,99 +176,23 @@ def _logprobs_forward_kernel(
     x_label = tl.load(row_ptr + (label + head).to(tl.int64) * stride_v).to(tl.float32)
     v_label = _values(x_label, scale, softcap, HAS_SOFTCAP, FOLD_SCALE)
 
-    # a block as (ROWS, VEC): each thread holds whole 16-byte vectors, and keeps one running
-    # max and sum per vector until the end of the row
+    # a block as (ROWS, VEC): each thread holds whole 16-byte vectors
     ROWS: tl.constexpr = BLOCK_V // VEC
-    m = tl.full((ROWS,), NEG_INF, tl.float32)
-    sum_p = tl.zeros((ROWS,), tl.float32)
-    sum_pv = tl.zeros((ROWS,), tl.float32)
-    sum_pp = tl.zeros((ROWS,), tl.float32)
-    sum_v = tl.zeros((ROWS,), tl.float32)
-    before_label = tl.full((ROWS,), NEG_INF, tl.float32)
+    offs = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    row = (row_ptr, head, V, label, stride_v)
+    tf = (scale, softcap, c)
+    zeros = tl.zeros((ROWS,), tl.float32)
+    acc = (zeros + NEG_INF, zeros, zeros, zeros, zeros, zeros + NEG_INF)
     # positions [0, end) from base hold the row; an ignored row computes nothing
     end = tl.where(valid, V + head, 0)
     full_end = end // BLOCK_V * BLOCK_V
     if valid:  # the first block, partial when head > 0 or V < BLOCK_V
-        m, sum_p, sum_pv, sum_pp, sum_v, before_label = _fold_block(
-            row_ptr,
-            0,
-            head,
-            V,
-            label,
-            stride_v,
-            scale,
-            softcap,
-            c,
-            m,
-            sum_p,
-            sum_pv,
-            sum_pp,
-            sum_v,
-            before_label,
-            True,
-            HAS_SOFTCAP,
-            FOLD_SCALE,
-            WANT_ENTROPY,
-            WANT_MEAN,
-            WANT_TOP1,
-            WANT_SUMSQ,
-            BLOCK_V,
-            VEC,
-        )
+        acc = _fold_block(row, 0, offs, tf, acc, True, HAS_SOFTCAP, FOLD_SCALE, STATS)
     for start in range(BLOCK_V, full_end, BLOCK_V):
-        m, sum_p, sum_pv, sum_pp, sum_v, before_label = _fold_block(
-            row_ptr,
-            start,
-            head,
-            V,
-            label,
-            stride_v,
-            scale,
-            softcap,
-            c,
-            m,
-            sum_p,
-            sum_pv,
-            sum_pp,
-            sum_v,
-            before_label,
-            False,
-            HAS_SOFTCAP,
-            FOLD_SCALE,
-            WANT_ENTROPY,
-            WANT_MEAN,
-            WANT_TOP1,
-            WANT_SUMSQ,
-            BLOCK_V,
-            VEC,
-        )
+        acc = _fold_block(row, start, offs, tf, acc, False, HAS_SOFTCAP, FOLD_SCALE, STATS)
     if (full_end >= BLOCK_V) & (full_end < end):  # the last, partial block
-        m, sum_p, sum_pv, sum_pp, sum_v, before_label = _fold_block(
-            row_ptr,
-            full_end,
-            head,
-            V,
-            label,
-            stride_v,
-            scale,
-            softcap,
-            c,
-            m,
-            sum_p,
-            sum_pv,
-            sum_pp,
-            sum_v,
-            before_label,
-            True,
-            HAS_SOFTCAP,
-            FOLD_SCALE,
-            WANT_ENTROPY,
-            WANT_MEAN,
-            WANT_TOP1,
-            WANT_SUMSQ,
-            BLOCK_V,
-            VEC,
-        )
+        acc = _fold_block(row, full_end, offs, tf, acc, True, HAS_SOFTCAP, FOLD_SCALE, STATS)
+    m, sum_p, sum_pv, sum_pp, sum_v, before_label = acc
 
     # one reduction across the row's threads
     m_row = tl.max(m, 0)
@@ -283,17 +203,18 @@ def _logprobs_forward_kernel(
     # which keeps the relative precision of 1 - p_y for backward
     logp = s * (v_label - m_row) - log_sum
     lse = s * m_row + log_sum
-    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
-    if WANT_ENTROPY:
+    tl.store(logp_ptr + row_id, tl.where(valid, logp, 0.0))
+    tl.store(lse_ptr + row_id, tl.where(valid, lse, 0.0))
+    if STATS & 1:  # entropy
         mean_z = s * tl.sum(sum_pv * rescale, 0) / sum_row
-        tl.store(entropy_ptr + row, tl.where(valid, lse - mean_z, 0.0))
-    if WANT_MEAN:
-        tl.store(mean_ptr + row, tl.where(valid, s * tl.sum(sum_v, 0) / V, 0.0))
-    if WANT_SUMSQ:
+        tl.store(entropy_ptr + row_id, tl.where(valid, lse - mean_z, 0.0))
+    if STATS & 2:  # mean_logits
+        tl.store(mean_ptr + row_id, tl.where(valid, s * tl.sum(sum_v, 0) / V, 0.0))
+    if STATS & 8:  # log_sum_sq_probs
         sum_sq = tl.sum(sum_pp * rescale * rescale, 0)
-        tl.store(sumsq_ptr + row, tl.where(valid, (tl.log2(sum_sq) - 2.0 * tl.log2(sum_row)) * LN2, 0.0))
-    if WANT_TOP1:
+        log_sum_sq = (tl.log2(sum_sq) - 2.0 * tl.log2(sum_row)) * LN2
+        tl.store(sumsq_ptr + row_id, tl.where(valid, log_sum_sq, 0.0))
+    if STATS & 4:  # is_top1
         # the label is top-1 iff it reaches the max and no earlier column does (first index wins
         # ties, as torch.argmax). Vectors wholly before the label were folded in above; the
         # VEC columns before it are read again, only when the label is the max.
@@ -304,7 +225,7 @@ def _logprobs_forward_kernel(
             x = tl.load(row_ptr + (cols + head).to(tl.int64) * stride_v, mask=before, other=0.0)
             v = tl.where(before, _values(x.to(tl.float32), scale, softcap, HAS_SOFTCAP, FOLD_SCALE), NEG_INF)
             earlier = tl.maximum(earlier, tl.max(v, 0))
-        tl.store(top1_ptr + row, (valid & (v_label >= m_row) & (v_label > earlier)).to(tl.int8))
+        tl.store(top1_ptr + row_id, (valid & (v_label >= m_row) & (v_label > earlier)).to(tl.int8))
 
 
 @triton.jit
@@ -315,32 +236,39 @@ def _neg_expm1(x):
 
 
 @triton.jit
-def _gradient(
-    x,
-    cols,
-    label,
-    g_label,
-    g_other,
-    lse2,
-    scale,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
+def _grad_block(
+    rows, start, offs, coef, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr
 ):
-    """``g * (onehot - softmax) * dz/dx`` of a tile; ``g_label = g (1 - p_y) dz/dx`` and
-    ``g_other = -g dz/dx`` (without the softcap's factor) are per-row constants."""
+    """Write ``g * (onehot - softmax) * dz/dx`` for the block at positions ``start + offs``.
+
+    ``rows = (row_ptr, grad_row_ptr, head, V, label, stride_v, grad_stride_v)``; ``coef =
+    (g_label, g_other, lse2, scale, softcap)``: the per-row constants ``g (1 - p_y) dz/dx``
+    and ``-g dz/dx`` (without the softcap's factor), and ``lse log2(e)``.
+    """
+    row_ptr, grad_row_ptr, head, V, label, stride_v, grad_stride_v = rows
+    g_label, g_other, lse2, scale, softcap = coef
+    pos = start + offs
+    cols = pos - head
+    if MASKED:
+        in_row = (cols >= 0) & (cols < V)
+        x = tl.load(row_ptr + pos.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + pos.to(tl.int64) * stride_v).to(tl.float32)
     if HAS_SOFTCAP:
         z, e, r = _softcap(x * scale, softcap)
-        p = tl.exp2(z * LOG2E - lse2)
         # d softcap / du = 4 e r^2
-        dz = g_other * p * (4.0 * e * r * r)
-        dz_label = g_label * (4.0 * e * r * r)
+        derivative = 4.0 * e * r * r
+        dz = g_other * tl.exp2(z * LOG2E - lse2) * derivative
+        dz_label = g_label * derivative
     else:
         c, _ = _units(scale, FOLD_SCALE)
-        v = _values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE)
-        dz = g_other * tl.exp2(v * c - lse2)
+        dz = g_other * tl.exp2(_values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE) * c - lse2)
         dz_label = g_label
-    return tl.where(cols == label, dz_label, dz)
+    grad = tl.where(cols == label, dz_label, dz).to(grad_row_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_row_ptr + pos.to(tl.int64) * grad_stride_v, grad, mask=in_row)
+    else:
+        tl.store(grad_row_ptr + pos.to(tl.int64) * grad_stride_v, grad)
 
 
 @triton.jit
@@ -370,52 +298,34 @@ def _logprobs_backward_kernel(
 ):
     """``ALIGN`` needs both rows at the same offset from a 16-byte boundary (the launcher checks
     the strides): one ``head`` serves both."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
+    row_id = tl.program_id(0).to(tl.int64)
+    b = row_id // T
+    t = row_id % T
     base, head = _row_base(b * stride_b + t * stride_t, VEC, ALIGN)
     grad_base, _ = _row_base(b * grad_stride_b + t * grad_stride_t, VEC, ALIGN)
-    row_ptr = x_ptr + base
     grad_row_ptr = grad_x_ptr + grad_base
-    out_type = grad_x_ptr.dtype.element_ty
-    label = tl.load(labels_ptr + row)
+    label = tl.load(labels_ptr + row_id)
     valid = label != ignore_index
-    label = label.to(tl.int32)
     ROWS: tl.constexpr = BLOCK_V // VEC
     offs = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     end = V + head  # positions [0, end) from the bases hold the row
     full_end = end // BLOCK_V * BLOCK_V
     if valid:
-        g = tl.load(grad_logp_ptr + row)
-        # exp(z - lse) = 2^(z log2(e) - lse log2(e)); dz/dx = scale outside the softcap
-        lse2 = tl.load(lse_ptr + row) * LOG2E
-        # the target-class term in fp32 from the forward's precise log-prob
-        g_label = g * _neg_expm1(tl.load(logp_ptr + row)) * scale
-        g_other = -g * scale
-        # the first block, partial when head > 0 or V < BLOCK_V
-        cols = offs - head
-        in_row = (cols >= 0) & (cols < V)
-        x = tl.load(row_ptr + offs.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
-        grad = _gradient(x, cols, label, g_label, g_other, lse2, scale, softcap, HAS_SOFTCAP, FOLD_SCALE)
-        tl.store(grad_row_ptr + offs.to(tl.int64) * grad_stride_v, grad.to(out_type), mask=in_row)
+        rows = (x_ptr + base, grad_row_ptr, head, V, label.to(tl.int32), stride_v, grad_stride_v)
+        g = tl.load(grad_logp_ptr + row_id)
+        # exp(z - lse) = 2^(z log2(e) - lse log2(e)); dz/dx = scale outside the softcap; the
+        # target-class term in fp32 from the forward's precise log-prob
+        g_label = g * _neg_expm1(tl.load(logp_ptr + row_id)) * scale
+        coef = (g_label, -g * scale, tl.load(lse_ptr + row_id) * LOG2E, scale, softcap)
+        # the first block (partial when head > 0 or V < BLOCK_V), the full ones, the last
+        _grad_block(rows, 0, offs, coef, True, HAS_SOFTCAP, FOLD_SCALE)
         for start in range(BLOCK_V, full_end, BLOCK_V):
-            pos = start + offs
-            x = tl.load(row_ptr + pos.to(tl.int64) * stride_v).to(tl.float32)
-            grad = _gradient(
-                x, pos - head, label, g_label, g_other, lse2, scale, softcap, HAS_SOFTCAP, FOLD_SCALE
-            )
-            tl.store(grad_row_ptr + pos.to(tl.int64) * grad_stride_v, grad.to(out_type))
-        if (full_end >= BLOCK_V) & (full_end < end):  # the last, partial block
-            pos = full_end + offs
-            in_row = pos - head < V
-            x = tl.load(row_ptr + pos.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
-            grad = _gradient(
-                x, pos - head, label, g_label, g_other, lse2, scale, softcap, HAS_SOFTCAP, FOLD_SCALE
-            )
-            tl.store(grad_row_ptr + pos.to(tl.int64) * grad_stride_v, grad.to(out_type), mask=in_row)
+            _grad_block(rows, start, offs, coef, False, HAS_SOFTCAP, FOLD_SCALE)
+        if (full_end >= BLOCK_V) & (full_end < end):
+            _grad_block(rows, full_end, offs, coef, True, HAS_SOFTCAP, FOLD_SCALE)
     else:
         # an ignored row reads nothing and writes zeros
-        zeros = tl.zeros((ROWS, VEC), out_type)
+        zeros = tl.zeros((ROWS, VEC), grad_x_ptr.dtype.element_ty)
         for start in range(0, end, BLOCK_V):
             cols = start + offs - head
             in_row = (cols >= 0) & (cols < V)
@@ -499,10 +409,7 @@ def logprobs_forward(
             ignore_index,
             scale,
             softcap if softcap is not None else 1.0,
-            WANT_ENTROPY=want[0],
-            WANT_MEAN=want[1],
-            WANT_TOP1=want[2],
-            WANT_SUMSQ=want[3],
+            STATS=stats,
             # a contiguous vocabulary: blocks start on 16-byte boundaries whatever V
             **_tiling(logits, scale, softcap, align=logits.stride(2) == 1),
         )

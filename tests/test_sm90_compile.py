@@ -60,10 +60,10 @@ def test_core_configurations_cover_dtypes_vocabularies_and_options(report):
                 absent = () if softcap else ("HAS_SOFTCAP",)
                 assert compiled("_logprobs_backward_kernel", dtype, vocab, *options, absent=absent)
                 assert compiled(
-                    "_logprobs_forward_kernel", dtype, vocab, *options, absent=(*absent, "WANT_TOP1")
+                    "_logprobs_forward_kernel", dtype, vocab, *options, absent=(*absent, "STATS=15")
                 )
                 assert compiled(
-                    "_logprobs_forward_kernel", dtype, vocab, *options, "WANT_TOP1", absent=absent
+                    "_logprobs_forward_kernel", dtype, vocab, *options, "STATS=15", absent=absent
                 )
     scenarios = {s for e in report["configurations"] for s in e["scenarios"]}
     for vocab in sm90_report.VOCABS:
