@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .tl_math import LN2, neg_expm1
+
 # One row streams through SRAM in blocks of this many logits (16 per thread with 8 warps).
 MAX_BLOCK_V = 4096
 NUM_WARPS = 8
@@ -26,7 +28,6 @@ NUM_WARPS = 8
 VECTOR_BYTES = 16
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
 
 
@@ -229,13 +230,6 @@ def _logprobs_forward_kernel(
 
 
 @triton.jit
-def _neg_expm1(x):
-    """1 - exp(x) for x <= 0, with a Taylor series near 0 where 1 - exp(x) cancels."""
-    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
-    return tl.where(x > -0.01, series, 1.0 - tl.exp(x))
-
-
-@triton.jit
 def _grad_block(
     rows, start, offs, coef, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr
 ):
@@ -315,7 +309,7 @@ def _logprobs_backward_kernel(
         g = tl.load(grad_logp_ptr + row_id)
         # exp(z - lse) = 2^(z log2(e) - lse log2(e)); dz/dx = scale outside the softcap; the
         # target-class term in fp32 from the forward's precise log-prob
-        g_label = g * _neg_expm1(tl.load(logp_ptr + row_id)) * scale
+        g_label = g * neg_expm1(tl.load(logp_ptr + row_id)) * scale
         coef = (g_label, -g * scale, tl.load(lse_ptr + row_id) * LOG2E, scale, softcap)
         # the first block (partial when head > 0 or V < BLOCK_V), the full ones, the last
         _grad_block(rows, 0, offs, coef, True, HAS_SOFTCAP, FOLD_SCALE)

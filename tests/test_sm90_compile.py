@@ -62,9 +62,7 @@ def test_core_configurations_cover_dtypes_vocabularies_and_options(report):
                 assert compiled(
                     "_logprobs_forward_kernel", dtype, vocab, *options, absent=(*absent, "STATS=15")
                 )
-                assert compiled(
-                    "_logprobs_forward_kernel", dtype, vocab, *options, "STATS=15", absent=absent
-                )
+                assert compiled("_logprobs_forward_kernel", dtype, vocab, *options, "STATS=15", absent=absent)
     scenarios = {s for e in report["configurations"] for s in e["scenarios"]}
     for vocab in sm90_report.VOCABS:
         assert any(f"V={vocab} " in s for s in scenarios)
