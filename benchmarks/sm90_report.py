@@ -41,10 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Kernels are defined (and become JITFunctions rather than interpreted functions) when
-# their modules are imported: that must happen before anything sets TRITON_INTERPRET.
-os.environ.pop("TRITON_INTERPRET", None)
-
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -234,8 +230,14 @@ def kernel_functions() -> dict[str, JITFunction]:
 
 
 def capture() -> list[Launch]:
-    """Run every scenario with launches recorded instead of executed; distinct configurations."""
-    kernel_functions()  # defines the kernels before TRITON_INTERPRET is set below
+    """Run every scenario with launches recorded instead of executed; distinct configurations.
+
+    Kernels are defined when their modules are imported: without TRITON_INTERPRET they become
+    JITFunctions, not interpreted functions, so this must run in a process that has not
+    imported them under the interpreter (the script's own, or a subprocess of the tests).
+    """
+    os.environ.pop("TRITON_INTERPRET", None)
+    kernel_functions()
     # the registry accepts backend="triton" for CPU tensors only under the interpreter flag;
     # the kernels themselves are already compiled-mode JITFunctions
     os.environ["TRITON_INTERPRET"] = "1"
