@@ -12,7 +12,7 @@ Steps, in order (``--only`` / ``--skip`` pick some):
   (a small run of every kernel, checked against the PyTorch backend);
 * ``benchmarks``: every ``benchmarks/bench_*.py`` but the CPU one, each against the peers,
   torch eager and compiled where it has them;
-* ``memory``: the memory sweep ``benchmarks/profile_memory.py``, when it exists;
+* ``memory``: the memory sweep ``benchmarks/profile_memory.py`` (Llama-3.2-1B-shaped);
 * ``predictions``: the cost model (``benchmarks/cost_model.py``) with the measured ceilings,
   beside each measurement it predicts.
 
@@ -57,21 +57,27 @@ PEER_MODULES |= {"datasets": "datasets"}
 
 # Benchmark arguments: full suite on a GPU (default: the script's own), --quick (issue 20's
 # target shapes), --dry-run (toy sizes; a script missing here only shows its --help).
-GPU_ARGS = {"bench_linear_logprobs.py": "--tokens 4096 8192 16384 --vocab 131072 151936"}
+GPU_ARGS = {
+    "bench_linear_logprobs.py": "--tokens 4096 8192 16384 --vocab 131072 151936",
+    # issue 20's model: the longest pair each method fits
+    "profile_memory.py": "--model-config llama-3.2-1b",
+}
 QUICK_ARGS = {
     "bench_logprobs.py": "--tokens 16384 --vocab 128256",
     "bench_linear_logprobs.py": "--tokens 8192 --vocab 131072",
     "bench_loss.py": "--pairs 8192 --tokens 4096",
     "bench_forward.py": "--batches 1 --repeats 2",
+    "profile_memory.py": "--model-config llama-3.2-1b --min-length 4096 --max-length 32768",
 }
 TOY_ARGS = {
     "bench_logprobs.py": "--tokens 24 --vocab 300 --repeats 1 --no-compile",
     "bench_linear_logprobs.py": "--tokens 24 --hidden 16 --vocab 300 --repeats 1 --no-cpu-memory",
     "bench_loss.py": "--pairs 16 --tokens 16 --hidden 16 --vocab 128 --repeats 1",
     "bench_forward.py": "--pairs 2 --batches 1 --repeats 1 --max-length 48 --vocab 300 --no-cpu-memory",
+    "profile_memory.py": "--model-config tiny --lengths 32 --device cpu",
 }
-# CPU-only benchmarks: not part of a GPU run
-CPU_ONLY = {"bench_cpu.py"}
+# CPU-only benchmarks (the C++ kernels; issue 16's CPU and fake-tensor targets): not part of a GPU run
+CPU_ONLY = {"bench_cpu.py", "bench_long_context.py"}
 # Seconds each step may take on a GPU (the dry run has its own, shorter limits).
 LIMITS = {
     "peers": 120,
@@ -346,7 +352,13 @@ def step_memory(suite: Suite) -> dict:
     script = BENCHMARKS / "profile_memory.py"
     if not script.exists():
         return {"status": "skipped", "note": "benchmarks/profile_memory.py does not exist yet"}
-    command = [sys.executable, str(script), *_benchmark_args(script.name, suite)]
+    command = [
+        sys.executable,
+        str(script),
+        *_benchmark_args(script.name, suite),
+        "--output-dir",
+        str(suite.out),
+    ]
     result = suite.run("profile_memory", command, suite.limit("memory"))
     return {"status": _status(result), **result}
 

@@ -14,6 +14,9 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
 
 
 def test_dry_run_runs_every_step_and_writes_its_results(tmp_path):
@@ -57,10 +60,14 @@ def test_dry_run_runs_every_step_and_writes_its_results(tmp_path):
     ceilings = json.loads((out / "ceilings.json").read_text())
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["bf16_flops"] > 0
     assert "kernel smoke run on cpu: ok" in (out / "kernel-smoke.log").read_text()
-    scripts = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py") if p.name != "bench_cpu.py")
+    scripts = sorted(
+        p.stem for p in (ROOT / "benchmarks").glob("bench_*.py") if p.name not in gpu_suite.CPU_ONLY
+    )
     for script in scripts:
         payload = json.loads((out / f"{script}-cpu.json").read_text())
         assert payload["results"], script
+    if "memory" not in expected_skips:
+        assert list(out.glob("profile_memory-*.json")), "the memory sweep wrote no results"
     predictions = json.loads((out / "predictions.json").read_text())
     assert {row["what"].split()[0] for row in predictions["rows"]} >= {"core", "linear"}
     assert all(row["measured_ms"] > 0 and row["predicted_ms"] > 0 for row in predictions["rows"])
