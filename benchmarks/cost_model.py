@@ -110,14 +110,16 @@ WITH_SOFTCAP = ("softcap", {"bf16", "V%16==0", "HAS_SOFTCAP"}, {"STATS=", "strid
 
 
 def kernel_entry(report: dict, kernel: str, variant: tuple) -> dict | None:
-    """The report's configuration of ``kernel`` matching ``variant`` (see :data:`PLAIN`)."""
+    """The report's configuration of ``kernel`` matching ``variant`` (see :data:`PLAIN`); of
+    several (a temperature of 1 or not), the one with the fewest instructions per element."""
     _, required, forbidden = variant
+    found = []
     for entry in report.get("configurations", []):
         words = set(entry["variant"].split())
         named = words | {w[: w.index("=") + 1] for w in words if "=" in w}
         if entry["kernel"] == kernel and required <= words and not forbidden & named:
-            return entry
-    return None
+            found.append(entry)
+    return min(found, key=lambda e: e.get("instructions_per_element", 0.0), default=None)
 
 
 # Used where no report is at hand: the kernels as first written (Triton 3.9, issue 19).

@@ -231,16 +231,16 @@ def _logprobs_forward_kernel(
 
 @triton.jit
 def _grad_block(
-    rows, start, offs, coef, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr
+    rows, start, offs, coef, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UNIT_SCALE: tl.constexpr
 ):
     """Write ``g * (onehot - softmax) * dz/dx`` for the block at positions ``start + offs``.
 
     ``rows = (row_ptr, grad_row_ptr, head, V, label, stride_v, grad_stride_v)``; ``coef =
-    (g_label, g_other, lse2, scale, softcap)``: the per-row constants ``g (1 - p_y) dz/dx``
-    and ``-g dz/dx`` (without the softcap's factor), and ``lse log2(e)``.
+    (g_label, g_other, lse, scale, softcap)``: the per-row constants ``g (1 - p_y) dz/dx``
+    and ``-g dz/dx`` (without the softcap's factor), and the forward's log-sum-exp.
     """
     row_ptr, grad_row_ptr, head, V, label, stride_v, grad_stride_v = rows
-    g_label, g_other, lse2, scale, softcap = coef
+    g_label, g_other, lse, scale, softcap = coef
     pos = start + offs
     cols = pos - head
     if MASKED:
@@ -248,15 +248,18 @@ def _grad_block(
         x = tl.load(row_ptr + pos.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
     else:
         x = tl.load(row_ptr + pos.to(tl.int64) * stride_v).to(tl.float32)
+    u = x if UNIT_SCALE else x * scale
     if HAS_SOFTCAP:
-        z, e, r = _softcap(x * scale, softcap)
-        # d softcap / du = 4 e r^2
-        derivative = 4.0 * e * r * r
-        dz = g_other * tl.exp2(z * LOG2E - lse2) * derivative
+        z, e, r = _softcap(u, softcap)
+        # d softcap / du = 1 - tanh^2 = 4 r (e r), e r = e / (e + 1) rather than 1 - r (no
+        # cancellation where r is near 1), and 1 where exp overflowed (not inf * 0)
+        derivative = 4.0 * r * tl.where(e == float("inf"), 1.0, e * r)
+        # z - lse, not z log2(e) - lse log2(e): the forward's own z and lse, so the difference
+        # is exact near the max whatever their magnitude
+        dz = g_other * tl.exp2((z - lse) * LOG2E) * derivative
         dz_label = g_label * derivative
     else:
-        c, _ = _units(scale, FOLD_SCALE)
-        dz = g_other * tl.exp2(_values(x, scale, softcap, HAS_SOFTCAP, FOLD_SCALE) * c - lse2)
+        dz = g_other * tl.exp2((u - lse) * LOG2E)
         dz_label = g_label
     grad = tl.where(cols == label, dz_label, dz).to(grad_row_ptr.dtype.element_ty)
     if MASKED:
@@ -285,7 +288,7 @@ def _logprobs_backward_kernel(
     scale,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
+    UNIT_SCALE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -307,16 +310,16 @@ def _logprobs_backward_kernel(
     if valid:
         rows = (x_ptr + base, grad_row_ptr, head, V, label.to(tl.int32), stride_v, grad_stride_v)
         g = tl.load(grad_logp_ptr + row_id)
-        # exp(z - lse) = 2^(z log2(e) - lse log2(e)); dz/dx = scale outside the softcap; the
-        # target-class term in fp32 from the forward's precise log-prob
+        # dz/dx = scale outside the softcap; the target-class term in fp32 from the forward's
+        # precise log-prob
         g_label = g * neg_expm1(tl.load(logp_ptr + row_id)) * scale
-        coef = (g_label, -g * scale, tl.load(lse_ptr + row_id) * LOG2E, scale, softcap)
+        coef = (g_label, -g * scale, tl.load(lse_ptr + row_id), scale, softcap)
         # the first block (partial when head > 0 or V < BLOCK_V), the full ones, the last
-        _grad_block(rows, 0, offs, coef, True, HAS_SOFTCAP, FOLD_SCALE)
+        _grad_block(rows, 0, offs, coef, True, HAS_SOFTCAP, UNIT_SCALE)
         for start in range(BLOCK_V, full_end, BLOCK_V):
-            _grad_block(rows, start, offs, coef, False, HAS_SOFTCAP, FOLD_SCALE)
+            _grad_block(rows, start, offs, coef, False, HAS_SOFTCAP, UNIT_SCALE)
         if (full_end >= BLOCK_V) & (full_end < end):
-            _grad_block(rows, full_end, offs, coef, True, HAS_SOFTCAP, FOLD_SCALE)
+            _grad_block(rows, full_end, offs, coef, True, HAS_SOFTCAP, UNIT_SCALE)
     else:
         # an ignored row reads nothing and writes zeros
         zeros = tl.zeros((ROWS, VEC), grad_x_ptr.dtype.element_ty)
@@ -326,14 +329,12 @@ def _logprobs_backward_kernel(
             tl.store(grad_row_ptr + (start + offs).to(tl.int64) * grad_stride_v, zeros, mask=in_row)
 
 
-def _tiling(logits: torch.Tensor, scale: float, softcap: float | None, *, align: bool) -> dict:
-    """Compile-time options both kernels share: the block, its 16-byte vectors, whether rows
-    start their blocks at a 16-byte boundary, and whether a positive scale folds into the
-    exponent (no multiply per element; ``scale == 1`` costs nothing)."""
+def _tiling(logits: torch.Tensor, softcap: float | None, *, align: bool) -> dict:
+    """Compile-time options both kernels share: the block, its 16-byte vectors, and whether
+    rows start their blocks at a 16-byte boundary."""
     vec = VECTOR_BYTES // logits.element_size()
     return {
         "HAS_SOFTCAP": softcap is not None,
-        "FOLD_SCALE": softcap is None and scale > 0,
         "BLOCK_V": max(min(triton.next_power_of_2(logits.shape[2]), MAX_BLOCK_V), vec),
         "VEC": vec,
         "ALIGN": align,
@@ -404,8 +405,10 @@ def logprobs_forward(
             scale,
             softcap if softcap is not None else 1.0,
             STATS=stats,
+            # a positive scale folds into the exponent: no multiply per element
+            FOLD_SCALE=softcap is None and scale > 0,
             # a contiguous vocabulary: blocks start on 16-byte boundaries whatever V
-            **_tiling(logits, scale, softcap, align=logits.stride(2) == 1),
+            **_tiling(logits, softcap, align=logits.stride(2) == 1),
         )
     values = [entropy, mean, top1.bool() if want[2] else top1, sumsq]
     return logp, lse, [value for value, wanted in zip(values, want, strict=True) if wanted]
@@ -452,5 +455,6 @@ def logprobs_backward(
         ignore_index,
         scale,
         softcap if softcap is not None else 1.0,
-        **_tiling(logits, scale, softcap, align=_same_alignment(logits, grad_logits)),
+        UNIT_SCALE=scale == 1.0,
+        **_tiling(logits, softcap, align=_same_alignment(logits, grad_logits)),
     )
