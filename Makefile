@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test lint bench peer-tests
+.PHONY: install demo test lint bench peer-tests gpu-suite
 
 # Keep an installed torch. Without one, take the CPU build on machines with no GPU:
 # a bare `pip install torch` would download several GB of CUDA packages.
@@ -34,3 +34,10 @@ bench: install
 # and, with DPO_FAST_TRL_SOURCE=<a TRL checkout>, TRL's DPO trainer tests in every mode.
 peer-tests: install
 	$(PYTHON) tests/peers/run.py $(if $(DPO_FAST_TRL_SOURCE),all,liger)
+
+# Everything a lent GPU should run, results in benchmarks/results/<device>-<date>/ (see
+# benchmarks/gpu_suite.py; SUITE_ARGS="--quick", "--only tests", ...). No install step: the GPU
+# machines reach no registry; the peers travel as wheels (benchmarks/peer_wheels.py).
+# DRY_RUN=1: every step on CPU at toy sizes, kernels under Triton's interpreter (as CI does).
+gpu-suite:
+	$(PYTHON) benchmarks/gpu_suite.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(SUITE_ARGS)

@@ -126,7 +126,7 @@ def cpu_peak(name: str, shape: tuple[int, int, int], dtype_name: str, forward_on
         return pool.apply(_cpu_peak_child, (name, shape, dtype_name, forward_only))
 
 
-def measure(name, fn, shape, dtype_name, device, repeats) -> dict:
+def measure(name, fn, shape, dtype_name, device, repeats, cpu_memory=True) -> dict:
     tokens, hidden_size, vocab = shape
     hidden, weight, labels = make_inputs(*shape, DTYPES[dtype_name], device)
     flops = 2 * tokens * hidden_size * vocab
@@ -140,10 +140,12 @@ def measure(name, fn, shape, dtype_name, device, repeats) -> dict:
             with torch.no_grad():
                 forward_peak = peak_memory(lambda: fn(hidden, weight, labels), device)
             step_peak = peak_memory(step, device)
-        else:
+        elif cpu_memory:
             del hidden, weight, labels
             forward_peak = cpu_peak(name, shape, dtype_name, forward_only=True)
             step_peak = cpu_peak(name, shape, dtype_name, forward_only=False)
+        else:
+            forward_peak = step_peak = None
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         return row
@@ -152,8 +154,8 @@ def measure(name, fn, shape, dtype_name, device, repeats) -> dict:
         fwd_bwd_ms=1e3 * median(step_times),
         forward_TFLOPs=flops / median(forward_times) / 1e12,
         fwd_bwd_TFLOPs=4 * flops / median(step_times) / 1e12,
-        forward_peak_MiB=forward_peak / 2**20,
-        fwd_bwd_peak_MiB=step_peak / 2**20,
+        forward_peak_MiB=None if forward_peak is None else forward_peak / 2**20,
+        fwd_bwd_peak_MiB=None if step_peak is None else step_peak / 2**20,
         forward_times_s=forward_times,
         fwd_bwd_times_s=step_times,
     )
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16" if cuda else "fp32")
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--methods", nargs="+", help="subset of the methods to run (default: all found)")
+    parser.add_argument("--no-cpu-memory", action="store_true", help="skip the fresh-process CPU peaks")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if cuda else "cpu")
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             shape = (tokens, args.hidden, vocab)
             baseline = None
             for name, fn in selected.items():
-                row = measure(name, fn, shape, args.dtype, device, args.repeats)
+                row = measure(name, fn, shape, args.dtype, device, args.repeats, not args.no_cpu_memory)
                 if "error" not in row:
                     baseline = baseline or row
                     # > 1: dpo_fast's forward+backward is that many times faster than this method's

@@ -1,13 +1,15 @@
 """Shared helpers for the benchmark scripts: timing, peak memory, environment, results.
 
 Every script prints a table and writes its raw figures (device, versions, shapes, every
-timing) as JSON under ``benchmarks/results/``.
+timing) as JSON under ``benchmarks/results/``, or under ``$DPO_FAST_RESULTS_DIR`` when set
+(the GPU suite collects one run's results in one folder).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("DPO_FAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def device_name(device: torch.device) -> str:
@@ -96,7 +98,7 @@ def _fmt(value: Any) -> str:
 def write_results(
     name: str, device: torch.device, config: dict[str, Any], rows: list[dict[str, Any]]
 ) -> Path:
-    """Write ``benchmarks/results/<name>-<device kind>.json`` and return its path."""
+    """Write ``<RESULTS_DIR>/<name>-<device kind>.json`` and return its path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     kind = "cuda" if device.type == "cuda" else "cpu"
     path = RESULTS_DIR / f"{name}-{kind}.json"

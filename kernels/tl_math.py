@@ -39,27 +39,3 @@ def neg_expm1(x):
 def log1mexp(a):
     """``log(1 - exp(a))`` for ``a < 0``, branching at ``-ln 2`` like TRL's ORPO (Maechler 2012)."""
     return tl.where(a < -LN2, log1p(-tl.exp(a)), tl.log(neg_expm1(tl.minimum(a, 0.0))))
-
-
-@triton.jit
-def logit_transform(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``z = softcap(x * scale)``; ``tanh(v)`` is written ``2 * sigmoid(2v) - 1`` (no tanh in tl)."""
-    z = x * scale
-    if HAS_SOFTCAP:
-        z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
-    return z
-
-
-@triton.jit
-def logit_transform_with_derivative(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``logit_transform(x)`` (the same bits) and ``dz/dx``."""
-    u = x * scale
-    if HAS_SOFTCAP:
-        s = tl.sigmoid(2.0 * u / softcap)
-        z = softcap * (2.0 * s - 1.0)
-        # d softcap / du = 1 - tanh^2 = 4 s (1 - s), with 1 - s as sigmoid(-2u/c) (no cancellation)
-        dz_dx = 4.0 * s * tl.sigmoid(-2.0 * u / softcap) * scale
-    else:
-        z = u
-        dz_dx = scale
-    return z, dz_dx

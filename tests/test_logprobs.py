@@ -195,16 +195,52 @@ def test_stats_match_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stats_and_ties_across_blocks(backend, dtype):
+    """Rows of several kernel blocks (4096 columns), not starting on a 16-byte boundary (odd V,
+    shifted view), with the label's max tied in an earlier block, in its own 16-byte vector,
+    at a block boundary, at column 0, in the last partial block."""
+    vocab_size = 9001
+    logits = (torch.randn(1, 12, vocab_size) * 2).to(dtype)
+    labels = make_labels((1, 12), vocab_size, ignore_frac=0.0)
+    # (earlier column, label) per row: the label is top-1 iff it comes first
+    ties = [(100, 5000), (4096, 4095), (4095, 4096), (4093, 4094), (4094, 4093), (3, 0), (8999, 9000)]
+    ties += [(9000, 8999), (2000, 2003), (2001, 2007), (2004, 2006)]  # the last: same 16-byte vector
+    for row, (earlier, label) in enumerate(ties, start=1):
+        logits[0, row - 1, earlier] = logits[0, row - 1, label] = 20.0  # row t scores label t + 1
+        labels[0, row] = label
+    logp, stats = dpo_fast.token_logprobs(
+        logits, labels, stats=dpo_fast.STAT_NAMES, backend=backend, shift=True
+    )
+    z = logits[:, :-1].double()
+    log_p = z.log_softmax(-1)
+    target = labels[:, 1:]
+    torch.testing.assert_close(
+        logp.double(), log_p.gather(-1, target[..., None])[..., 0], atol=2e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        stats["entropy"].double(), -(log_p.exp() * log_p).sum(-1), atol=1e-4, rtol=1e-5
+    )
+    torch.testing.assert_close(stats["mean_logits"].double(), z.mean(-1), atol=1e-5, rtol=1e-5)
+    sum_sq = (2 * log_p).logsumexp(-1)
+    torch.testing.assert_close(stats["log_sum_sq_probs"].double(), sum_sq, atol=1e-4, rtol=1e-5)
+    assert torch.equal(stats["is_top1"], z.argmax(-1) == target)
+    assert stats["is_top1"][0, [1, 4, 5, 7]].all() and not stats["is_top1"][0, [0, 2, 3, 6, 8, 9, 10]].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stats_handle_infinite_logits(backend):
     logits = torch.randn(1, 3, 100)
     logits[0, :, 50:] = float("-inf")
     labels = torch.tensor([[1, 2, 3]])
-    _, stats = dpo_fast.token_logprobs(logits, labels, stats=["entropy", "log_sum_sq_probs"], backend=backend)
+    names = ["entropy", "log_sum_sq_probs", "mean_logits"]
+    _, stats = dpo_fast.token_logprobs(logits, labels, stats=names, backend=backend)
     log_p = logits[..., :50].double().log_softmax(-1)
     torch.testing.assert_close(
         stats["entropy"].double(), -(log_p.exp() * log_p).sum(-1), atol=1e-5, rtol=1e-5
     )
     assert torch.isfinite(stats["log_sum_sq_probs"]).all()
+    assert torch.equal(stats["mean_logits"], logits.mean(-1))  # -inf, as the mean of the logits
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
