@@ -96,8 +96,9 @@ def test_prefix_shared_mask_pattern():
 )
 def test_dense_mask_matches_the_rule(layout, window, monkeypatch):
     # a band of 7 query rows: the mask is filled in several bands, one of them short
-    monkeypatch.setattr(masks, "_BAND_ELEMENTS", 7 * 40)
-    batch = random_block_batch(layout, num_pairs=4, pack_length=40, multiple=8)
+    monkeypatch.setattr(masks, "_BAND_ELEMENTS", 7 * 24)
+    # 8 pairs of at least 4 (prefix_shared) or 2 x 3 (packed) tokens exceed one row of 24
+    batch = random_block_batch(layout, num_pairs=8, pack_length=24, multiple=8)
     config = config_for("sdpa", **window)
     (w,) = layer_windows(config).values()
     mask = dense_attention_mask(

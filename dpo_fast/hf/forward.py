@@ -102,7 +102,7 @@ def scored_rows(
     backbone = find_backbone(base)
     candidates = list(transforms) if transforms is not None else found
     warn_inactive_checkpointing(model)
-    route_attention(model, layout, batch["input_ids"].device)
+    route_attention(model, layout, linear.weight.device)  # the batch is checked when lowered
     plan = lower_batch(batch, layout, text_config(base), linear.weight.dtype)
     transform = self_check(model, backbone, linear, candidates, plan) if check else candidates[0]
     return ScoredRows(plan, backbone, Head(linear, transform))
